@@ -1,0 +1,38 @@
+"""AWD-LSTM for ULMFiT in transformers. Importing this package registers it with the Auto classes."""
+
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+)
+
+from .configuration_awd_lstm import CLASSIFIER_DROPOUTS, LM_DROPOUTS, AwdLstmConfig
+from .modeling_awd_lstm import (
+    AwdLstmCache,
+    AwdLstmForCausalLM,
+    AwdLstmForSequenceClassification,
+    AwdLstmModel,
+    AwdLstmPreTrainedModel,
+)
+
+AutoConfig.register(AwdLstmConfig.model_type, AwdLstmConfig, exist_ok=True)
+AutoModel.register(AwdLstmConfig, AwdLstmModel, exist_ok=True)
+AutoModelForCausalLM.register(AwdLstmConfig, AwdLstmForCausalLM, exist_ok=True)
+AutoModelForSequenceClassification.register(AwdLstmConfig, AwdLstmForSequenceClassification, exist_ok=True)
+
+AwdLstmConfig.register_for_auto_class()
+AwdLstmModel.register_for_auto_class("AutoModel")
+AwdLstmForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+AwdLstmForSequenceClassification.register_for_auto_class("AutoModelForSequenceClassification")
+
+__all__ = [
+    "AwdLstmCache",
+    "AwdLstmConfig",
+    "AwdLstmForCausalLM",
+    "AwdLstmForSequenceClassification",
+    "AwdLstmModel",
+    "AwdLstmPreTrainedModel",
+    "CLASSIFIER_DROPOUTS",
+    "LM_DROPOUTS",
+]
