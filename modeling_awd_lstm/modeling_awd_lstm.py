@@ -392,7 +392,8 @@ class AwdLstmForCausalLM(AwdLstmPreTrainedModel, GenerationMixin):
         loss = None
         if labels is not None or shift_labels is not None:
             loss = self.loss_function(
-                logits, labels, vocab_size=self.config.vocab_size, shift_labels=shift_labels,
+                logits, labels, vocab_size=self.config.vocab_size,
+                shift_labels=shift_labels.contiguous() if shift_labels is not None else None,
                 num_items_in_batch=num_items_in_batch,
             )
             if self.training:

@@ -1,0 +1,442 @@
+"""The AWD-LSTM models: fastai parity, generation with the state cache, padding, and the transformers contract."""
+
+import json
+import os
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    PreTrainedTokenizerFast,
+    pipeline,
+)
+
+from modeling_awd_lstm import (
+    AwdLstmConfig,
+    AwdLstmForCausalLM,
+    AwdLstmForSequenceClassification,
+    AwdLstmModel,
+)
+from modeling_awd_lstm.convert_fastai import convert_fastai_state_dict
+
+TINY = dict(emb_size=16, hidden_size=24, num_layers=3)
+
+
+def tiny_config(vocab_size: int = 80, **kwargs) -> AwdLstmConfig:
+    return AwdLstmConfig(vocab_size=vocab_size, **{**TINY, **kwargs})
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Parity with real fastai 2.8.12 on real text
+# ----------------------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def fastai_text():
+    """Real IMDb reviews tokenized and numericalized by fastai itself."""
+    warnings.filterwarnings("ignore")
+    from fastai.text.all import Numericalize, Tokenizer, WordTokenizer
+
+    from conftest import read_imdb
+
+    texts = [row["text"] for row in read_imdb("test", limit=24)]
+    tokenizer = Tokenizer(WordTokenizer())
+    tokens = [tokenizer(text) for text in texts]
+    numericalize = Numericalize(min_freq=2)
+    numericalize.setup(tokens)
+    ids = [numericalize(t) for t in tokens]
+    return ids, len(numericalize.vocab)
+
+
+def fastai_lm_pair(vocab_size: int):
+    from fastai.text.all import AWD_LSTM, awd_lstm_lm_config, get_language_model
+
+    fastai_model = get_language_model(AWD_LSTM, vocab_size, config=dict(awd_lstm_lm_config, emb_sz=16, n_hid=24, n_layers=3))
+    state_dict, kind = convert_fastai_state_dict(fastai_model.state_dict())
+    assert kind == "lm"
+    ours = AwdLstmForCausalLM(tiny_config(vocab_size))
+    ours.load_state_dict(state_dict, strict=True)
+    return fastai_model, ours
+
+
+def fastai_classifier_pair(vocab_size: int, bptt: int = 16, max_len: int = 48):
+    from fastai.text.all import AWD_LSTM, get_text_classifier
+
+    fastai_model = get_text_classifier(
+        AWD_LSTM, vocab_size, 3, seq_len=bptt, config=dict(emb_sz=16, n_hid=24, n_layers=3), max_len=max_len
+    )
+    state_dict, kind = convert_fastai_state_dict(fastai_model.state_dict())
+    assert kind == "classifier"
+    config = tiny_config(vocab_size, num_labels=3, bptt=bptt, max_len=max_len, **AwdLstmConfig.dropouts("classifier"))
+    ours = AwdLstmForSequenceClassification(config)
+    ours.load_state_dict(state_dict, strict=True)
+    return fastai_model, ours
+
+
+def test_language_model_matches_fastai_in_eval_mode(fastai_text):
+    ids, vocab_size = fastai_text
+    fastai_model, ours = fastai_lm_pair(vocab_size)
+    fastai_model.eval(), ours.eval()
+    batch = torch.stack([doc[:60] for doc in ids[:4]])
+    fastai_model.reset()
+    expected = fastai_model(batch)[0]
+    out = ours(batch)
+    torch.testing.assert_close(out.logits, expected, atol=1e-5, rtol=0)
+    # fastai keeps the state between calls: continuing the stream with our cache gives the same logits.
+    follow = torch.stack([doc[60:90] for doc in ids[:4]])
+    torch.testing.assert_close(ours(follow, cache=out.cache).logits, fastai_model(follow)[0], atol=1e-5, rtol=0)
+
+
+def test_language_model_matches_fastai_in_train_mode_with_the_same_masks(fastai_text):
+    ids, vocab_size = fastai_text
+    fastai_model, ours = fastai_lm_pair(vocab_size)
+    fastai_model.train(), ours.train()
+    batch = torch.stack([doc[:50] for doc in ids[:4]])
+    fastai_model.reset()
+    torch.manual_seed(7)
+    expected, raw, dropped = fastai_model(batch)
+    torch.manual_seed(7)
+    out = ours(batch, output_hidden_states=True)
+    torch.testing.assert_close(out.logits, expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(out.hidden_states[-1], raw, atol=1e-6, rtol=0)
+
+
+def test_training_loss_is_cross_entropy_plus_fastai_ar_tar(fastai_text):
+    ids, vocab_size = fastai_text
+    fastai_model, ours = fastai_lm_pair(vocab_size)
+    fastai_model.train(), ours.train()
+    stream = torch.stack([doc[:41] for doc in ids[:4]])
+    inputs, targets = stream[:, :-1], stream[:, 1:]
+    fastai_model.reset()
+    torch.manual_seed(3)
+    logits, raw, dropped = fastai_model(inputs)
+    expected = torch.nn.functional.cross_entropy(logits.reshape(-1, vocab_size), targets.reshape(-1))
+    expected = expected + 2.0 * dropped.float().pow(2).mean() + 1.0 * (raw[:, 1:] - raw[:, :-1]).float().pow(2).mean()
+    torch.manual_seed(3)
+    loss = ours(inputs, shift_labels=targets).loss
+    torch.testing.assert_close(loss, expected, atol=1e-5, rtol=0)
+    ours.eval()
+    eval_loss = ours(inputs, shift_labels=targets).loss
+    eval_logits = ours(inputs).logits
+    torch.testing.assert_close(
+        eval_loss, torch.nn.functional.cross_entropy(eval_logits.reshape(-1, vocab_size), targets.reshape(-1))
+    )
+
+
+@pytest.mark.parametrize("length", [10, 16, 47, 48, 49, 100, 130])
+def test_classifier_matches_fastai_on_unpadded_documents(fastai_text, length):
+    """Including documents longer than max_len (48), where BPT3C keeps only the last chunks."""
+    ids, vocab_size = fastai_text
+    fastai_model, ours = fastai_classifier_pair(vocab_size)
+    fastai_model.eval(), ours.eval()
+    long_docs = [doc for doc in ids if len(doc) >= length][:3]
+    batch = torch.stack([doc[:length] for doc in long_docs])
+    expected = fastai_model(batch)[0]
+    torch.testing.assert_close(ours(batch).logits, expected, atol=1e-5, rtol=0)
+
+
+def test_classifier_matches_fastai_in_train_mode_with_the_same_masks(fastai_text):
+    ids, vocab_size = fastai_text
+    fastai_model, ours = fastai_classifier_pair(vocab_size)
+    fastai_model.train(), ours.train()
+    batch = torch.stack([doc[:100] for doc in ids if len(doc) >= 100][:4])
+    torch.manual_seed(11)
+    expected = fastai_model(batch)[0]
+    torch.manual_seed(11)
+    torch.testing.assert_close(ours(batch).logits, expected, atol=1e-5, rtol=0)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Padding never changes a result
+# ----------------------------------------------------------------------------------------------------------------------
+def pad_batch(docs: list[torch.Tensor], pad_id: int, side: str) -> tuple[torch.Tensor, torch.Tensor]:
+    longest = max(len(d) for d in docs)
+    ids = torch.full((len(docs), longest), pad_id)
+    mask = torch.zeros((len(docs), longest), dtype=torch.long)
+    for row, doc in enumerate(docs):
+        span = slice(longest - len(doc), longest) if side == "left" else slice(0, len(doc))
+        ids[row, span], mask[row, span] = doc, 1
+    return ids, mask
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_classifier_logits_do_not_depend_on_padding_or_batch_mates(side):
+    torch.manual_seed(0)
+    model = AwdLstmForSequenceClassification(tiny_config(num_labels=2, bptt=8, max_len=20)).eval()
+    docs = [torch.randint(4, 80, (n,)) for n in (5, 13, 27, 41)]
+    alone = torch.cat([model(doc[None]).logits for doc in docs])
+    ids, mask = pad_batch(docs, pad_id=1, side=side)
+    together = model(ids, attention_mask=mask).logits
+    torch.testing.assert_close(together, alone, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_lm_outputs_and_state_do_not_depend_on_padding(side):
+    torch.manual_seed(0)
+    model = AwdLstmForCausalLM(tiny_config()).eval()
+    docs = [torch.randint(4, 80, (n,)) for n in (3, 9, 6)]
+    ids, mask = pad_batch(docs, pad_id=1, side=side)
+    out = model(ids, attention_mask=mask)
+    nxt = torch.randint(4, 80, (3, 1))
+    continued = model(nxt, cache=out.cache).logits[:, -1]
+    for row, doc in enumerate(docs):
+        single = model(doc[None])
+        real = mask[row].bool()
+        torch.testing.assert_close(out.logits[row, real], single.logits[0], atol=1e-5, rtol=0)
+        expected_next = model(nxt[row : row + 1], cache=single.cache).logits[:, -1]
+        torch.testing.assert_close(continued[row : row + 1], expected_next, atol=1e-5, rtol=0)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Generation
+# ----------------------------------------------------------------------------------------------------------------------
+def test_generation_with_the_state_cache_equals_recomputing_the_prefix():
+    torch.manual_seed(0)
+    model = AwdLstmForCausalLM(tiny_config()).eval()
+    prompt = torch.randint(4, 80, (2, 7))
+    cached = model.generate(prompt, max_new_tokens=12, do_sample=False, use_cache=True, eos_token_id=None)
+    recomputed = model.generate(prompt, max_new_tokens=12, do_sample=False, use_cache=False, eos_token_id=None)
+    assert cached.shape == (2, 19)
+    assert torch.equal(cached, recomputed)
+    # Each new token costs one step: the model only ever sees one token at a time after the prompt.
+    seen = []
+    original_forward = model.model.forward
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["input_ids"].shape[1])
+        return original_forward(*args, **kwargs)
+
+    model.model.forward = spy
+    model.generate(prompt, max_new_tokens=5, do_sample=False, eos_token_id=None)
+    assert seen == [7, 1, 1, 1, 1]
+
+
+def test_sampling_and_beam_search_follow_the_cache():
+    torch.manual_seed(0)
+    model = AwdLstmForCausalLM(tiny_config()).eval()
+    prompt = torch.randint(4, 80, (2, 5))
+    settings = dict(max_new_tokens=8, do_sample=True, temperature=0.7, top_k=20, top_p=0.9, eos_token_id=None)
+    torch.manual_seed(5)
+    cached = model.generate(prompt, use_cache=True, **settings)
+    torch.manual_seed(5)
+    recomputed = model.generate(prompt, use_cache=False, **settings)
+    assert torch.equal(cached, recomputed)
+    beams = dict(max_new_tokens=6, num_beams=3, do_sample=False, eos_token_id=None)
+    assert torch.equal(model.generate(prompt, use_cache=True, **beams), model.generate(prompt, use_cache=False, **beams))
+
+
+def test_generation_from_a_left_padded_batch_matches_each_prompt_alone():
+    torch.manual_seed(0)
+    model = AwdLstmForCausalLM(tiny_config()).eval()
+    prompts = [torch.randint(4, 80, (n,)) for n in (4, 9)]
+    ids, mask = pad_batch(prompts, pad_id=1, side="left")
+    batched = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, eos_token_id=None, pad_token_id=1)
+    for row, prompt in enumerate(prompts):
+        alone = model.generate(prompt[None], max_new_tokens=6, do_sample=False, eos_token_id=None)
+        assert torch.equal(batched[row, -6:], alone[0, -6:])
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The transformers contract
+# ----------------------------------------------------------------------------------------------------------------------
+def test_save_load_round_trip_keeps_outputs_and_tied_weights(tmp_path):
+    torch.manual_seed(0)
+    model = AwdLstmForCausalLM(tiny_config()).eval()
+    model.save_pretrained(tmp_path)
+    files = set(os.listdir(tmp_path))
+    assert {"model.safetensors", "config.json", "modeling_awd_lstm.py", "configuration_awd_lstm.py"} <= files
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert set(config["auto_map"]) == {
+        "AutoConfig", "AutoModel", "AutoModelForCausalLM", "AutoModelForSequenceClassification"
+    }
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert isinstance(loaded, AwdLstmForCausalLM)
+    assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
+    ids = torch.randint(0, 80, (2, 9))
+    assert torch.equal(loaded(ids).logits, model(ids).logits)
+    assert isinstance(AutoModel.from_pretrained(tmp_path), AwdLstmModel)
+    assert isinstance(AutoConfig.from_pretrained(tmp_path), AwdLstmConfig)
+
+
+def test_untied_decoder_stays_untied(tmp_path):
+    model = AwdLstmForCausalLM(tiny_config(tie_word_embeddings=False))
+    assert model.lm_head.weight is not model.model.embed_tokens.weight
+    model.save_pretrained(tmp_path)
+    loaded = AwdLstmForCausalLM.from_pretrained(tmp_path)
+    assert loaded.lm_head.weight is not loaded.model.embed_tokens.weight
+    assert torch.equal(loaded.lm_head.weight, model.lm_head.weight)
+
+
+def test_classifier_from_a_language_model_keeps_the_encoder(tmp_path):
+    torch.manual_seed(0)
+    lm = AwdLstmForCausalLM(tiny_config())
+    lm.save_pretrained(tmp_path)
+    classifier = AutoModelForSequenceClassification.from_pretrained(
+        tmp_path, num_labels=5, **AwdLstmConfig.dropouts("classifier", drop_mult=0.5)
+    )
+    assert isinstance(classifier, AwdLstmForSequenceClassification)
+    assert classifier.classifier.layers[-1].out_features == 5
+    assert classifier.config.output_p == pytest.approx(0.2) and classifier.config.head_dropouts == [0.2, 0.1]
+    assert classifier.classifier.layers[1].p == pytest.approx(0.2)
+    for (name, theirs), ours in zip(lm.model.state_dict().items(), classifier.model.state_dict().values()):
+        assert torch.equal(theirs, ours), name
+
+
+def test_from_pretrained_with_a_different_number_of_labels(tmp_path):
+    model = AwdLstmForSequenceClassification(tiny_config(num_labels=2))
+    model.save_pretrained(tmp_path)
+    resized = AwdLstmForSequenceClassification.from_pretrained(tmp_path, num_labels=4, ignore_mismatched_sizes=True)
+    assert resized.classifier.layers[-1].out_features == 4
+    assert torch.equal(resized.model.embed_tokens.weight, model.model.embed_tokens.weight)
+
+
+def test_gradient_reaches_every_trainable_parameter():
+    torch.manual_seed(0)
+    for model in (AwdLstmForCausalLM(tiny_config()), AwdLstmForSequenceClassification(tiny_config(num_labels=3, bptt=8))):
+        model.train()
+        ids = torch.randint(4, 80, (3, 20))
+        labels = ids if isinstance(model, AwdLstmForCausalLM) else torch.tensor([0, 1, 2])
+        model(ids, labels=labels).loss.backward()
+        missing = [name for name, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+        assert missing == []
+
+
+def test_eval_is_deterministic_and_training_is_not():
+    torch.manual_seed(0)
+    model = AwdLstmForCausalLM(tiny_config())
+    ids = torch.randint(4, 80, (2, 12))
+    model.eval()
+    assert torch.equal(model(ids).logits, model(ids).logits)
+    model.train()
+    assert not torch.equal(model(ids).logits, model(ids).logits)
+
+
+def test_return_dict_false_gives_tuples():
+    model = AwdLstmForSequenceClassification(tiny_config(num_labels=2)).eval()
+    ids = torch.randint(4, 80, (2, 12))
+    loss, logits = model(ids, labels=torch.tensor([0, 1]), return_dict=False)
+    assert logits.shape == (2, 2) and loss.ndim == 0
+    lm = AwdLstmForCausalLM(tiny_config()).eval()
+    logits, cache = lm(ids, return_dict=False)
+    assert logits.shape == (2, 12, 80) and cache.get_seq_length() == 12
+
+
+@pytest.mark.parametrize(
+    "problem_type,labels",
+    [
+        ("single_label_classification", torch.tensor([0, 2])),
+        ("multi_label_classification", torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]])),
+        ("regression", torch.tensor([[0.5, 1.0, -1.0], [0.1, 0.2, 0.3]])),
+    ],
+)
+def test_problem_types(problem_type, labels):
+    torch.manual_seed(0)
+    model = AwdLstmForSequenceClassification(tiny_config(num_labels=3, problem_type=problem_type)).eval()
+    out = model(torch.randint(4, 80, (2, 10)), labels=labels)
+    if problem_type == "single_label_classification":
+        expected = torch.nn.functional.cross_entropy(out.logits, labels)
+    elif problem_type == "multi_label_classification":
+        expected = torch.nn.functional.binary_cross_entropy_with_logits(out.logits, labels)
+    else:
+        expected = torch.nn.functional.mse_loss(out.logits, labels)
+    torch.testing.assert_close(out.loss, expected)
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        (dict(hidden_size=-3), "hidden_size"),
+        (dict(emb_size=0), "emb_size"),
+        (dict(num_layers=0), "num_layers"),
+        (dict(weight_p=1.0), "weight_p"),
+        (dict(input_p=-0.1), "input_p"),
+        (dict(classifier_dropouts=[0.5, 1.2]), "classifier_dropouts"),
+        (dict(classifier_dropouts=[0.5]), "one value per linear layer"),
+        (dict(pad_token_id=80), "pad_token_id"),
+        (dict(ar_alpha=-1.0), "ar_alpha"),
+    ],
+)
+def test_bad_config_values_raise_a_clear_error(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        tiny_config(**kwargs)
+
+
+def test_empty_document_in_a_classifier_batch_is_a_clear_error():
+    model = AwdLstmForSequenceClassification(tiny_config(num_labels=2)).eval()
+    ids = torch.randint(4, 80, (2, 6))
+    with pytest.raises(ValueError, match=r"Rows \[1\]"):
+        model(ids, attention_mask=torch.tensor([[1] * 6, [0] * 6]))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Remote code and pipelines
+# ----------------------------------------------------------------------------------------------------------------------
+def test_a_process_without_the_package_loads_every_head_with_trust_remote_code(tmp_path):
+    torch.manual_seed(0)
+    lm = AwdLstmForCausalLM(tiny_config()).eval()
+    lm.save_pretrained(tmp_path / "lm")
+    classifier = AwdLstmForSequenceClassification.from_pretrained(tmp_path / "lm", num_labels=2).eval()
+    classifier.save_pretrained(tmp_path / "clf")
+    ids = torch.randint(4, 80, (2, 30))
+    torch.save({"ids": ids, "lm": lm(ids).logits, "clf": classifier(ids).logits}, tmp_path / "expected.pt")
+    script = f"""
+import importlib.util, sys, torch
+assert importlib.util.find_spec("modeling_awd_lstm") is None, "the package must not be importable here"
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+expected = torch.load({str(tmp_path / 'expected.pt')!r})
+lm = AutoModelForCausalLM.from_pretrained({str(tmp_path / 'lm')!r}, trust_remote_code=True).eval()
+clf = AutoModelForSequenceClassification.from_pretrained({str(tmp_path / 'lm')!r}, trust_remote_code=True, num_labels=2)
+clf = AutoModelForSequenceClassification.from_pretrained({str(tmp_path / 'clf')!r}, trust_remote_code=True).eval()
+assert torch.equal(lm(expected["ids"]).logits, expected["lm"])
+assert torch.allclose(clf(expected["ids"]).logits, expected["clf"], atol=1e-6)
+print("ok")
+"""
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
+    result = subprocess.run([sys.executable, "-I", "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().endswith("ok")
+
+
+def word_level_tokenizer(words: list[str]) -> PreTrainedTokenizerFast:
+    """A minimal real word-level tokenizer whose decoded continuations keep their spaces (Metaspace)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    vocab = {token: i for i, token in enumerate(["<unk>", "<pad>", "<s>", "</s>"] + [f"▁{w}" for w in words])}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="always")
+    # The pipeline decodes only the new tokens and appends them to the prompt: keep their leading space.
+    backend.decoder = decoders.Metaspace(prepend_scheme="never")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, unk_token="<unk>", pad_token="<pad>", bos_token="<s>", eos_token="</s>"
+    )
+
+
+def test_text_generation_and_classification_pipelines(tmp_path):
+    words = "the movie was good bad great awful and i liked hated it plot acting".split()
+    tokenizer = word_level_tokenizer(words)
+    vocab_size = len(tokenizer)
+    torch.manual_seed(0)
+    lm = AwdLstmForCausalLM(tiny_config(vocab_size, pad_token_id=1, bos_token_id=2, eos_token_id=3)).eval()
+    lm.save_pretrained(tmp_path / "lm")
+    tokenizer.save_pretrained(tmp_path / "lm")
+    generator = pipeline("text-generation", model=str(tmp_path / "lm"))
+    text = generator("the movie was", max_new_tokens=5, min_new_tokens=5, do_sample=False)[0]["generated_text"]
+    prompt_ids = tokenizer("the movie was", return_tensors="pt").input_ids
+    new_ids = lm.generate(prompt_ids, max_new_tokens=5, min_new_tokens=5, do_sample=False)[0, prompt_ids.shape[1]:]
+    words_out = [tokenizer.convert_ids_to_tokens(int(i)).lstrip("▁") for i in new_ids if int(i) > 3]
+    assert text == "the movie was " + " ".join(words_out)
+
+    config = tiny_config(vocab_size, num_labels=2, id2label={0: "neg", 1: "pos"}, label2id={"neg": 0, "pos": 1})
+    classifier = AwdLstmForSequenceClassification(config).eval()
+    classifier.save_pretrained(tmp_path / "clf")
+    tokenizer.save_pretrained(tmp_path / "clf")
+    classify = pipeline("text-classification", model=str(tmp_path / "clf"))
+    predictions = classify(["the movie was good", "i hated the plot and the acting"])
+    assert [p["label"] in {"neg", "pos"} for p in predictions] == [True, True]
+    ids = tokenizer(["the movie was good"], return_tensors="pt")
+    expected = classifier(**ids).logits.softmax(-1).max().item()
+    assert predictions[0]["score"] == pytest.approx(expected, abs=1e-5)
