@@ -1,4 +1,5 @@
 import gzip
+import sys
 import json
 from pathlib import Path
 
@@ -21,3 +22,13 @@ def read_imdb(split: str, limit: int | None = None) -> list[dict]:
 @pytest.fixture(scope="session")
 def imdb_texts() -> list[str]:
     return [row["text"] for row in read_imdb("test", limit=40)]
+
+
+# Site packages are added by hand, without running their .pth files, so an editable install of this project (which
+# works through a .pth file) is invisible: the process sees transformers and torch, not this package.
+WITHOUT_PACKAGE_PRELUDE = "import site, sys; sys.path.extend(site.getsitepackages())\n"
+
+
+def python_without_package(script: str) -> list[str]:
+    """A command running `script` in a Python process where this project's packages cannot be imported."""
+    return [sys.executable, "-I", "-S", "-c", WITHOUT_PACKAGE_PRELUDE + script]

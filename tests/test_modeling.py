@@ -3,7 +3,6 @@
 import json
 import os
 import subprocess
-import sys
 import warnings
 
 import pytest
@@ -23,6 +22,7 @@ from modeling_awd_lstm import (
     AwdLstmForSequenceClassification,
     AwdLstmModel,
 )
+from conftest import python_without_package
 from modeling_awd_lstm.convert_fastai import convert_fastai_state_dict
 
 TINY = dict(emb_size=16, hidden_size=24, num_layers=3)
@@ -396,7 +396,7 @@ assert torch.allclose(clf(expected["ids"]).logits, expected["clf"], atol=1e-6)
 print("ok")
 """
     env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
-    result = subprocess.run([sys.executable, "-I", "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True)
+    result = subprocess.run(python_without_package(script), cwd=tmp_path, env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip().endswith("ok")
 
