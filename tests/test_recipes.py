@@ -1,0 +1,87 @@
+"""Recipes: the shipped ones validate; every kind of mistake fails at once, naming the key or the file."""
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import yaml
+
+from training.recipes import RecipeError, available_recipes, load_recipe
+from transformers import TrainingArguments
+
+TRAINING_FIELDS = {f.name for f in dataclasses.fields(TrainingArguments)} | {"lr_schedule"}
+
+
+@pytest.mark.parametrize("name", ["demo", "paper_imdb", "trec6"])
+def test_shipped_recipes_validate(name):
+    assert name in available_recipes()
+    recipe = load_recipe(name, training_fields=TRAINING_FIELDS)
+    assert list(recipe.stages) == ["pretrain", "finetune_lm", "classifier"]
+    assert recipe.stages["classifier"].parent == "finetune_lm"
+    assert recipe.stages["finetune_lm"].parent == "pretrain"
+
+
+def test_demo_recipe_reads_bundled_files():
+    recipe = load_recipe("demo")
+    for stage in recipe.stages.values():
+        assert Path(stage.data.path).is_file(), stage.data.path
+
+
+def test_paper_recipes_point_at_the_hub_datasets():
+    imdb = load_recipe("paper_imdb")
+    assert imdb.stages["pretrain"].data.path == "Salesforce/wikitext"
+    assert imdb.stages["pretrain"].data.name == "wikitext-103-raw-v1"
+    assert imdb.stages["classifier"].data.path == "stanfordnlp/imdb"
+    assert (imdb.model.emb_size, imdb.model.hidden_size, imdb.model.num_layers) == (400, 1152, 3)
+    assert load_recipe("trec6").stages["classifier"].data.label_column == "coarse_label"
+
+
+def test_overrides_reach_any_value():
+    recipe = load_recipe(
+        "demo",
+        overrides=["model.emb_size=64", "stages.classifier.training.learning_rate=0.002", "hub.organization=me"],
+        training_fields=TRAINING_FIELDS,
+    )
+    assert recipe.model.emb_size == 64
+    assert recipe.stages["classifier"].training["learning_rate"] == 0.002
+    assert recipe.stage_repo_id("classifier") == "me/ulmfit-demo-imdb-classifier"
+
+
+def write_recipe(tmp_path, mutate) -> Path:
+    values = yaml.safe_load((Path(__file__).parent.parent / "hub_configs" / "demo.yaml").read_text())
+    mutate(values)
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(values))
+    return path
+
+
+@pytest.mark.parametrize(
+    "mutate,message",
+    [
+        (lambda v: v["model"].update(emb_sizes=3), "Unknown key 'model.emb_sizes'"),
+        (lambda v: v["model"].update(num_layers="three"), "`model.num_layers` must be int"),
+        (lambda v: v["stages"]["pretrain"].update(eval_fraction=1.5), "eval_fraction"),
+        (lambda v: v["stages"]["pretrain"]["data"].update(path="no/such/file.txt"), "no/such/file.txt"),
+        (lambda v: v["stages"]["pretrain"]["data"].update(columns="text"), "columns"),
+        (lambda v: v["stages"].pop("finetune_lm"), "names stage 'finetune_lm', which this recipe does not define"),
+        (lambda v: v["stages"].update(evaluate={"data": {"path": "x"}}), "Unknown stage `stages.evaluate`"),
+        (lambda v: v["stages"]["classifier"]["training"].update(learning_rat=0.1), "training.learning_rat"),
+        (lambda v: v["tokenizer"].update(kind="bytes"), "`tokenizer.kind` must be one of"),
+        (lambda v: v["stages"]["classifier"]["data"].update(label_column=None), "label_column` is required"),
+        (lambda v: v.pop("name"), "Missing key 'name'"),
+    ],
+)
+def test_broken_recipes_fail_with_a_message_naming_the_problem(tmp_path, mutate, message):
+    path = write_recipe(tmp_path, mutate)
+    with pytest.raises(RecipeError, match=message.replace("(", r"\(").replace("[", r"\[")):
+        load_recipe(str(path), training_fields=TRAINING_FIELDS)
+
+
+def test_unknown_recipe_name_lists_the_shipped_ones():
+    with pytest.raises(RecipeError, match="demo, paper_imdb, trec6"):
+        load_recipe("no-such-recipe")
+
+
+def test_bad_override_syntax():
+    with pytest.raises(RecipeError, match="dotted.key=value"):
+        load_recipe("demo", overrides=["model.emb_size"])

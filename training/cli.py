@@ -1,0 +1,244 @@
+"""`ulmfit`: run a ULMFiT recipe or one of its stages, classify, generate, convert fastai models, push stages.
+
+    ulmfit run demo                           # all three stages of the bundled demo recipe
+    ulmfit run hub_configs/paper_imdb.yaml --set hub.organization=me --push
+    ulmfit finetune-lm demo --parent me/ulmfit-demo-lm
+    ulmfit predict runs/demo/classifier reviews.csv --text-column review
+    ulmfit generate runs/demo/finetune_lm "The movie was"
+
+Under `accelerate launch -m training run RECIPE` every process trains; the main process alone writes and pushes.
+"""
+
+import argparse
+import csv
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+import yaml
+
+from .recipes import STAGE_ORDER, Recipe, RecipeError, load_recipe
+
+STAGE_COMMANDS = {"pretrain": "pretrain", "finetune-lm": "finetune_lm", "train-classifier": "classifier"}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ulmfit", description="ULMFiT with Hugging Face transformers.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("run", help="Run every stage of a recipe (pretrain, finetune_lm, classifier).")
+    _add_recipe_arguments(run)
+    run.add_argument("--stages", default=None, help="Comma-separated subset of stages to run, in order.")
+    for command, stage in STAGE_COMMANDS.items():
+        one = commands.add_parser(command, help=f"Run only the {stage} stage of a recipe.")
+        _add_recipe_arguments(one)
+        one.add_argument("--parent", default=None, help="Parent stage: a local stage folder or a Hub repository id.")
+
+    validate = commands.add_parser("validate", help="Check a recipe without running it.")
+    validate.add_argument("recipe")
+    validate.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+
+    commands.add_parser("arguments", help="List the ULMFiT training arguments a recipe's `training:` may set.")
+
+    predict = commands.add_parser("predict", help="Classify a file of texts (txt: one per line, csv, jsonl).")
+    predict.add_argument("model", help="Classifier folder or Hub repository.")
+    predict.add_argument("file")
+    predict.add_argument("--text-column", default="text")
+    predict.add_argument("--output", default=None, help="Where to write predictions (default: FILE.predictions.jsonl).")
+    predict.add_argument("--batch-size", type=int, default=64)
+
+    generate = commands.add_parser("generate", help="Sample a continuation from a language model.")
+    generate.add_argument("model", help="LM folder or Hub repository.")
+    generate.add_argument("prompt")
+    generate.add_argument("--max-new-tokens", type=int, default=40)
+    generate.add_argument("--temperature", type=float, default=0.8)
+    generate.add_argument("--top-k", type=int, default=40)
+    generate.add_argument("--greedy", action="store_true")
+    generate.add_argument("--seed", type=int, default=0)
+
+    push = commands.add_parser("push", help="Push a stage folder to the Hub with its card.")
+    push.add_argument("folder")
+    push.add_argument("repo_id")
+    push.add_argument("--tag", default=None)
+    push.add_argument("--revision", default=None)
+    push.add_argument("--private", action="store_true")
+
+    convert = commands.add_parser("convert-fastai", help="Convert a fastai ULMFiT model to a transformers folder.")
+    _add_convert_arguments(convert)
+    return parser
+
+
+def _add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("recipe", nargs="?", default="demo", help="Recipe file, or a shipped recipe name (default: demo).")
+    parser.add_argument("--output-dir", default=None, help="Where stage folders go (default: the recipe's output_dir).")
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="Override any recipe value by its dotted path, e.g. --set stages.classifier.training.learning_rate=0.005",
+    )
+    parser.add_argument(
+        "--training", dest="training", action="append", default=[], metavar="KEY=VALUE",
+        help="Set a training argument for every stage run, e.g. --training max_steps=20",
+    )
+    parser.add_argument("--push", action="store_true", default=None, help="Push each stage to the Hub (recipe: hub.push).")
+
+
+def _add_convert_arguments(parser: argparse.ArgumentParser) -> None:
+    from .convert import add_convert_fastai_arguments
+
+    add_convert_fastai_arguments(parser)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except (RecipeError, FileNotFoundError, ValueError) as error:
+        print(f"ulmfit {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Commands
+# ----------------------------------------------------------------------------------------------------------------------
+def _load(args: argparse.Namespace) -> Recipe:
+    from .trainer import ULMFiTTrainingArguments
+
+    fields = {f.name for f in dataclasses.fields(ULMFiTTrainingArguments)}
+    return load_recipe(args.recipe, overrides=args.overrides, training_fields=fields)
+
+
+def _training_overrides(pairs: list[str]) -> dict:
+    values = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise RecipeError(f"--training {pair!r} must look like key=value.")
+        key, raw = pair.split("=", 1)
+        values[key] = yaml.safe_load(raw)
+    return values
+
+
+def command_run(args: argparse.Namespace) -> int:
+    recipe = _load(args)
+    if args.command == "run":
+        stages = args.stages.split(",") if args.stages else [s for s in STAGE_ORDER if s in recipe.stages]
+        parent = None
+    else:
+        stages, parent = [STAGE_COMMANDS[args.command]], args.parent
+    unknown = [s for s in stages if s not in recipe.stages]
+    if unknown:
+        raise RecipeError(f"Stage {unknown[0]!r} is not in recipe {recipe.name!r} (it has {', '.join(recipe.stages)}).")
+    from .stages import run_stage, summarize
+
+    output_dir = Path(args.output_dir or recipe.output_dir or f"runs/{recipe.name}")
+    overrides = _training_overrides(args.training)
+    results = []
+    for stage in stages:
+        results.append(
+            run_stage(recipe, stage, output_dir, parent=parent, training_overrides=overrides, push=args.push)
+        )
+    summarize(recipe, results)
+    return 0
+
+
+def command_validate(args: argparse.Namespace) -> int:
+    recipe = _load(args)
+    print(f"{recipe.source}: valid recipe {recipe.name!r} with stages {', '.join(recipe.stages)}")
+    return 0
+
+
+def command_arguments(args: argparse.Namespace) -> int:
+    from transformers import HfArgumentParser
+
+    from .trainer import ULMFiTTrainingArguments
+
+    HfArgumentParser(ULMFiTTrainingArguments).print_help()
+    return 0
+
+
+def read_texts(path: str, text_column: str) -> list[str]:
+    """Texts of a .txt (one per line), .csv or .jsonl file."""
+    file = Path(path)
+    if not file.exists():
+        raise FileNotFoundError(f"No file {path}.")
+    if file.suffix == ".csv":
+        with file.open(newline="", encoding="utf-8") as handle:
+            rows = list(csv.DictReader(handle))
+        if rows and text_column not in rows[0]:
+            raise ValueError(f"{path} has no column {text_column!r} (columns: {', '.join(rows[0])}); use --text-column.")
+        texts = [row[text_column] for row in rows]
+    elif file.suffix in (".jsonl", ".json"):
+        rows = [json.loads(line) for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
+        missing = [i for i, row in enumerate(rows) if text_column not in row]
+        if missing:
+            raise ValueError(f"{path}: rows {missing[:5]} have no {text_column!r} field; use --text-column.")
+        texts = [row[text_column] for row in rows]
+    else:
+        texts = [line for line in file.read_text(encoding="utf-8").splitlines()]
+    empty = [i for i, text in enumerate(texts) if not isinstance(text, str) or not text.strip()]
+    if empty:
+        raise ValueError(f"{path}: rows {empty[:5]} are empty; remove them or fill them in.")
+    return texts
+
+
+def command_predict(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+    from transformers import pipeline
+
+    import modeling_awd_lstm  # noqa: F401  (registers the Auto classes)
+
+    texts = read_texts(args.file, args.text_column)
+    classify = pipeline("text-classification", model=args.model, trust_remote_code=True, top_k=None)
+    output = Path(args.output or f"{args.file}.predictions.jsonl")
+    with output.open("w", encoding="utf-8") as handle:
+        for start in tqdm(range(0, len(texts), args.batch_size), desc="Classifying", unit="batch"):
+            batch = texts[start : start + args.batch_size]
+            for text, scores in zip(batch, classify(batch, batch_size=args.batch_size, truncation=False)):
+                best = max(scores, key=lambda s: s["score"])
+                probabilities = {s["label"]: round(s["score"], 6) for s in scores}
+                handle.write(json.dumps({"text": text, "label": best["label"], "probabilities": probabilities}) + "\n")
+    print(f"Wrote {len(texts)} predictions to {output}")
+    return 0
+
+
+def command_generate(args: argparse.Namespace) -> int:
+    import torch
+    from transformers import pipeline
+
+    import modeling_awd_lstm  # noqa: F401
+
+    torch.manual_seed(args.seed)
+    generator = pipeline("text-generation", model=args.model, trust_remote_code=True)
+    sampling = {"do_sample": False} if args.greedy else {"do_sample": True, "temperature": args.temperature, "top_k": args.top_k}
+    result = generator(args.prompt, max_new_tokens=args.max_new_tokens, **sampling)
+    print(result[0]["generated_text"])
+    return 0
+
+
+def command_push(args: argparse.Namespace) -> int:
+    from .hub import push_stage
+
+    url = push_stage(args.folder, args.repo_id, tag=args.tag, revision=args.revision, private=args.private)
+    print(f"Pushed {args.folder} to {url}")
+    return 0
+
+
+def command_convert(args: argparse.Namespace) -> int:
+    from .convert import run_convert_fastai
+
+    return run_convert_fastai(args) or 0
+
+
+COMMANDS = {
+    "run": command_run,
+    **{command: command_run for command in STAGE_COMMANDS},
+    "validate": command_validate,
+    "arguments": command_arguments,
+    "predict": command_predict,
+    "generate": command_generate,
+    "push": command_push,
+    "convert-fastai": command_convert,
+}
+
+if __name__ == "__main__":
+    raise SystemExit(main())
