@@ -5,6 +5,7 @@ from transformers import (
     AutoModel,
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
+    AutoTokenizer,
 )
 
 from .configuration_awd_lstm import CLASSIFIER_DROPOUTS, LM_DROPOUTS, AwdLstmConfig
@@ -15,11 +16,13 @@ from .modeling_awd_lstm import (
     AwdLstmModel,
     AwdLstmPreTrainedModel,
 )
+from .tokenization_awd_lstm import AwdLstmTokenizer
 
 AutoConfig.register(AwdLstmConfig.model_type, AwdLstmConfig, exist_ok=True)
 AutoModel.register(AwdLstmConfig, AwdLstmModel, exist_ok=True)
 AutoModelForCausalLM.register(AwdLstmConfig, AwdLstmForCausalLM, exist_ok=True)
 AutoModelForSequenceClassification.register(AwdLstmConfig, AwdLstmForSequenceClassification, exist_ok=True)
+AutoTokenizer.register(AwdLstmConfig, tokenizer_class=AwdLstmTokenizer, exist_ok=True)
 
 AwdLstmConfig.register_for_auto_class()
 AwdLstmModel.register_for_auto_class("AutoModel")
@@ -33,6 +36,7 @@ __all__ = [
     "AwdLstmForSequenceClassification",
     "AwdLstmModel",
     "AwdLstmPreTrainedModel",
+    "AwdLstmTokenizer",
     "CLASSIFIER_DROPOUTS",
     "LM_DROPOUTS",
 ]

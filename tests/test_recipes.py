@@ -7,9 +7,9 @@ import pytest
 import yaml
 
 from training.recipes import RecipeError, available_recipes, load_recipe
-from transformers import TrainingArguments
+from training.trainer import ULMFiTTrainingArguments
 
-TRAINING_FIELDS = {f.name for f in dataclasses.fields(TrainingArguments)} | {"lr_schedule"}
+TRAINING_FIELDS = {f.name for f in dataclasses.fields(ULMFiTTrainingArguments)}
 
 
 @pytest.mark.parametrize("name", ["demo", "paper_imdb", "trec6"])

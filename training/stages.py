@@ -92,6 +92,7 @@ def _training_arguments(recipe: Recipe, spec: StageSpec, folder: Path, overrides
     values = dict(
         output_dir=str(folder / "checkpoints"),
         seed=recipe.seed,
+        lm_bptt=recipe.model.bptt,
         save_strategy="epoch",
         save_total_limit=1,
         eval_strategy="epoch",
@@ -275,8 +276,8 @@ def _hyperparameters(model, args) -> dict:
     config = model.config
     names = [
         "learning_rate", "num_train_epochs", "max_steps", "per_device_train_batch_size", "weight_decay",
-        "lr_schedule", "discriminative_factor", "adam_beta1", "adam_beta2", "cut_frac", "stlr_ratio",
-        "gradual_unfreezing", "unfreeze_schedule", "bptt", "variable_bptt", "bf16",
+        "ulmfit_schedule", "discriminative_lr_factor", "adam_beta1", "adam_beta2", "stlr_cut_frac", "stlr_ratio",
+        "unfreeze_schedule", "lm_bptt", "lm_variable_bptt", "bf16",
     ]
     values = {name: getattr(args, name) for name in names if hasattr(args, name)}
     values.update({name: round(getattr(config, name), 4) for name in ("output_p", "hidden_p", "input_p", "embed_p", "weight_p")})
