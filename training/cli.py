@@ -91,9 +91,11 @@ def _add_convert_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from .hub import HubPushError
+
     try:
         return COMMANDS[args.command](args)
-    except (RecipeError, FileNotFoundError, ValueError) as error:
+    except (RecipeError, FileNotFoundError, ValueError, HubPushError) as error:
         print(f"ulmfit {args.command}: error: {error}", file=sys.stderr)
         return 2
 

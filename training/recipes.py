@@ -63,7 +63,8 @@ class StageSpec:
     eval_data: DataSpec | None = None
     test_data: DataSpec | None = None
     eval_fraction: float = 0.1
-    max_documents: int | None = None
+    max_documents: int | None = None  # use only the first N training documents
+    max_eval_documents: int | None = None
     parent: str | None = None
     repo_id: str | None = None
     tokenizer: TokenizerSpec | None = None

@@ -4,6 +4,7 @@ Each stage starts from its parent (a stage of the same recipe, a local stage fol
 self-contained folder (model, tokenizer, record, curves, card) and returns a short summary.
 """
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
@@ -99,9 +100,12 @@ def _training_arguments(recipe: Recipe, spec: StageSpec, folder: Path, overrides
         logging_steps=10,
         report_to="none",
         disable_tqdm=False,
+        include_num_input_tokens_seen="non_padding",
     )
     values.update(spec.training)
     values.update(overrides)
+    # Evaluation keeps no graph: twice the training batch fits, as fastai does.
+    values.setdefault("per_device_eval_batch_size", 2 * values.get("per_device_train_batch_size", 8))
     return ULMFiTTrainingArguments(**values)
 
 
@@ -128,7 +132,11 @@ def run_stage(
 
     train = _read(spec.data, labelled=is_classifier, max_documents=spec.max_documents)
     train, held_out = _split_eval(train, spec, recipe.seed)
-    evaluation = _read(spec.eval_data, labelled=is_classifier) if spec.eval_data is not None else held_out
+    evaluation = (
+        _read(spec.eval_data, labelled=is_classifier, max_documents=spec.max_eval_documents)
+        if spec.eval_data is not None
+        else held_out
+    )
 
     tokenizer_spec = spec.tokenizer or recipe.tokenizer
     if parent_path is None or tokenizer_spec.rebuild:
@@ -168,11 +176,28 @@ def run_stage(
     pushed_to = None
     if (recipe.hub.push if push is None else push) and repo_id:
         pushed_to = push_stage(folder, repo_id, token=token, tag=recipe.hub.tag, private=recipe.hub.private)
-    tokens = train_output.metrics.get("train_tokens", 0) or _tokens_seen(trainer)
+    extra = {}
+    if is_classifier and spec.compare_from_scratch:
+        extra = _train_from_scratch(model.config, args, trainer, test, folder)
     return StageResult(
         stage=stage_name, folder=str(folder), metrics=metrics, seconds=seconds,
-        tokens_per_second=tokens / max(train_output.metrics.get("train_runtime", seconds), 1e-9), pushed_to=pushed_to,
+        tokens_per_second=trainer.state.num_input_tokens_seen / max(train_output.metrics["train_runtime"], 1e-9),
+        pushed_to=pushed_to, extra=extra,
     )
+
+
+def _train_from_scratch(config, args, trainer, test, folder: Path) -> dict[str, float]:
+    """The same classifier, data and schedule from random weights: what stages 1 and 2 add."""
+    scratch = AwdLstmForSequenceClassification(config)
+    scratch_args = dataclasses.replace(args, output_dir=str(folder / "from_scratch"), save_strategy="no")
+    scratch_trainer = ULMFiTTrainer(
+        model=scratch, args=scratch_args, train_dataset=trainer.train_dataset, eval_dataset=trainer.eval_dataset,
+        processing_class=trainer.processing_class, data_collator=trainer.data_collator,
+        compute_metrics=trainer.compute_metrics,
+    )
+    scratch_trainer.train()
+    metrics = _final_metrics(scratch_trainer, None, test, is_classifier=True)
+    return {f"from_scratch_{name}": value for name, value in metrics.items() if name.endswith("accuracy")}
 
 
 def _language_model_trainer(recipe, spec, parent_path, tokenizer, train, evaluation, args):
@@ -306,8 +331,6 @@ def _model_summary(model) -> str:
     return f"AWD-LSTM, vocab {c.vocab_size}, embedding {c.emb_size}, {c.num_layers} LSTM layers of {c.hidden_size}, {params / 1e6:.1f}M parameters"
 
 
-def _tokens_seen(trainer) -> float:
-    return float(getattr(trainer.state, "num_input_tokens_seen", 0) or 0)
 
 
 def summarize(recipe: Recipe, results: list[StageResult]) -> str:

@@ -1,0 +1,107 @@
+"""`ulmfit` end to end on the bundled demo data: run, predict, generate, and the `accelerate launch` path."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+from training.cli import main
+
+# A small model and a short schedule: the real demo, shrunk to CI time.
+SMALL = [
+    "--set", "model.emb_size=48", "--set", "model.hidden_size=96", "--set", "model.bptt=40",
+    "--set", "tokenizer.max_vocab=4000", "--set", "stages.finetune_lm.tokenizer.max_vocab=4000",
+    "--set", "stages.pretrain.max_documents=1200", "--set", "stages.pretrain.max_eval_documents=200",
+    "--set", "stages.finetune_lm.max_documents=800", "--set", "stages.finetune_lm.max_eval_documents=100",
+    "--set", "stages.pretrain.training.num_train_epochs=1",
+    "--set", "stages.finetune_lm.training.num_train_epochs=1",
+    "--set", "stages.classifier.training.num_train_epochs=3",
+    "--set", "stages.classifier.compare_from_scratch=false",
+]
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory) -> Path:
+    output = tmp_path_factory.mktemp("demo")
+    assert main(["run", "demo", "--output-dir", str(output), *SMALL]) == 0
+    return output
+
+
+def test_run_writes_three_loadable_stages_and_the_classifier_beats_chance(demo_run, capsys):
+    for stage in ("pretrain", "finetune_lm"):
+        folder = demo_run / stage
+        model = AutoModelForCausalLM.from_pretrained(folder)
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        assert model.config.vocab_size == len(tokenizer)
+        record = json.loads((folder / "ulmfit_stage.json").read_text())
+        assert record["metrics"]["eval_perplexity"] < len(tokenizer)  # far better than a uniform guess
+        assert (folder / "training_curves.png").stat().st_size > 0
+    assert json.loads((demo_run / "finetune_lm" / "ulmfit_stage.json").read_text())["parent"] == str(demo_run / "pretrain")
+    classifier = AutoModelForSequenceClassification.from_pretrained(demo_run / "classifier")
+    assert classifier.config.id2label == {0: "neg", 1: "pos"}
+    record = json.loads((demo_run / "classifier" / "ulmfit_stage.json").read_text())
+    # 1,000 held-out IMDb test reviews, balanced: chance is 0.5.
+    assert record["metrics"]["test_accuracy"] > 0.62, record["metrics"]
+    assert record["parent"] == str(demo_run / "finetune_lm")
+
+
+def test_predict_writes_labels_and_probabilities(demo_run, tmp_path):
+    reviews = tmp_path / "reviews.csv"
+    reviews.write_text('review\n"A wonderful, moving film."\n"Dull, badly acted and far too long."\n', encoding="utf-8")
+    output = tmp_path / "out.jsonl"
+    assert main(["predict", str(demo_run / "classifier"), str(reviews), "--text-column", "review", "--output", str(output)]) == 0
+    rows = [json.loads(line) for line in output.read_text().splitlines()]
+    assert [row["text"] for row in rows] == ["A wonderful, moving film.", "Dull, badly acted and far too long."]
+    for row in rows:
+        assert row["label"] in {"neg", "pos"}
+        assert sum(row["probabilities"].values()) == pytest.approx(1.0, abs=1e-4)
+        assert row["label"] == max(row["probabilities"], key=row["probabilities"].get)
+
+
+def test_predict_names_a_missing_column(demo_run, tmp_path):
+    reviews = tmp_path / "reviews.csv"
+    reviews.write_text("body\nfine\n", encoding="utf-8")
+    assert main(["predict", str(demo_run / "classifier"), str(reviews), "--text-column", "review"]) == 2
+
+
+def test_generate_continues_the_prompt(demo_run, capsys):
+    assert main(["generate", str(demo_run / "finetune_lm"), "The movie was", "--max-new-tokens", "12", "--greedy"]) == 0
+    text = capsys.readouterr().out.strip().splitlines()[-1]
+    assert text.startswith("The movie was ") and len(text.split()) > 4
+
+
+def test_a_single_stage_starts_from_a_given_parent(demo_run, tmp_path):
+    code = main([
+        "train-classifier", "demo", "--output-dir", str(tmp_path), "--parent", str(demo_run / "finetune_lm"),
+        *SMALL, "--training", "max_steps=2",
+    ])
+    assert code == 0
+    record = json.loads((tmp_path / "classifier" / "ulmfit_stage.json").read_text())
+    assert record["parent"] == str(demo_run / "finetune_lm")
+
+
+def test_a_stage_whose_parent_was_not_run_fails_clearly(tmp_path, capsys):
+    assert main(["finetune-lm", "demo", "--output-dir", str(tmp_path)]) == 2
+    assert "Stage 'pretrain' has not been run" in capsys.readouterr().err
+
+
+def test_accelerate_launch_runs_two_processes(demo_run, tmp_path):
+    """`accelerate launch` with 2 CPU processes (gloo): both train the classifier stage; rank 0 writes it."""
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+        "-m", "training", "train-classifier", "demo", "--output-dir", str(tmp_path),
+        "--parent", str(demo_run / "finetune_lm"), *SMALL, "--training", "max_steps=3",
+    ]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "processes 2" in result.stdout
+    assert result.stdout.count("ULMFiT run") == 1  # only the main process summarises
+    model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "classifier")
+    assert torch.isfinite(next(model.parameters())).all()
