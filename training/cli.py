@@ -139,7 +139,8 @@ def command_run(args: argparse.Namespace) -> int:
         results.append(
             run_stage(recipe, stage, output_dir, parent=parent, training_overrides=overrides, push=args.push)
         )
-    summarize(recipe, results)
+    if results[-1].is_main:
+        summarize(recipe, results)
     return 0
 
 

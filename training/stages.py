@@ -43,6 +43,8 @@ class StageResult:
     tokens_per_second: float
     pushed_to: str | None = None
     extra: dict[str, float] = field(default_factory=dict)
+    processes: int = 1
+    is_main: bool = True
 
 
 def stage_folder(recipe: Recipe, output_dir: str | Path, stage: str) -> Path:
@@ -128,32 +130,27 @@ def run_stage(
         raise ValueError(f"Stage {stage_name!r} needs a parent: set `stages.{stage_name}.parent` or pass --parent.")
     started = time.time()
     is_classifier = stage_name == "classifier"
-    text_column = spec.data.text_column
-
-    train = _read(spec.data, labelled=is_classifier, max_documents=spec.max_documents)
-    train, held_out = _split_eval(train, spec, recipe.seed)
-    evaluation = (
-        _read(spec.eval_data, labelled=is_classifier, max_documents=spec.max_eval_documents)
-        if spec.eval_data is not None
-        else held_out
-    )
-
-    tokenizer_spec = spec.tokenizer or recipe.tokenizer
-    if parent_path is None or tokenizer_spec.rebuild:
-        tokenizer = build_tokenizer(tokenizer_spec, train, text_column)
-    else:
-        tokenizer = AutoTokenizer.from_pretrained(parent_path, trust_remote_code=True)
-
     args = _training_arguments(recipe, spec, folder, training_overrides or {})
-    if is_classifier:
-        model, trainer, test = _classifier_trainer(recipe, spec, parent_path, tokenizer, train, evaluation, args)
-    else:
-        model, trainer = _language_model_trainer(recipe, spec, parent_path, tokenizer, train, evaluation, args)
-        test = None
+    # Under several processes the main one reads, tokenizes and caches first; the others reuse its caches.
+    with args.main_process_first(desc=f"{stage_name}: preparing data"):
+        tokenizer, train, evaluation = _prepare_data(spec, parent_path, recipe.seed, is_classifier, recipe)
+        if is_classifier:
+            model, trainer, test = _classifier_trainer(recipe, spec, parent_path, tokenizer, train, evaluation, args)
+        else:
+            model, trainer = _language_model_trainer(recipe, spec, parent_path, tokenizer, train, evaluation, args)
+            test = None
 
     train_output = trainer.train()
     metrics = _final_metrics(trainer, evaluation, test, is_classifier)
+    extra = _train_from_scratch(model.config, args, trainer, test, folder) if is_classifier and spec.compare_from_scratch else {}
     seconds = time.time() - started
+    result = StageResult(
+        stage=stage_name, folder=str(folder), metrics=metrics, seconds=seconds,
+        tokens_per_second=trainer.state.num_input_tokens_seen / max(train_output.metrics["train_runtime"], 1e-9),
+        extra=extra, processes=args.world_size, is_main=trainer.is_world_process_zero(),
+    )
+    if not result.is_main:
+        return result
 
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
@@ -164,7 +161,7 @@ def run_stage(
         recipe=recipe.name,
         model_name=(repo_id or f"{recipe.name}-{stage_name}").split("/")[-1],
         parent=_parent_name(recipe, spec, parent_path),
-        metrics=metrics,
+        metrics={**metrics, **extra},
         eval_split="test" if test is not None else "validation",
         hyperparameters=_hyperparameters(model, args),
         data=_provenance(spec),
@@ -172,18 +169,26 @@ def run_stage(
     )
     record.save(folder)
     write_model_card(folder, repo_id or record.model_name)
-
-    pushed_to = None
     if (recipe.hub.push if push is None else push) and repo_id:
-        pushed_to = push_stage(folder, repo_id, token=token, tag=recipe.hub.tag, private=recipe.hub.private)
-    extra = {}
-    if is_classifier and spec.compare_from_scratch:
-        extra = _train_from_scratch(model.config, args, trainer, test, folder)
-    return StageResult(
-        stage=stage_name, folder=str(folder), metrics=metrics, seconds=seconds,
-        tokens_per_second=trainer.state.num_input_tokens_seen / max(train_output.metrics["train_runtime"], 1e-9),
-        pushed_to=pushed_to, extra=extra,
+        result.pushed_to = push_stage(folder, repo_id, token=token, tag=recipe.hub.tag, private=recipe.hub.private)
+    return result
+
+
+def _prepare_data(spec: StageSpec, parent_path: str | None, seed: int, is_classifier: bool, recipe: Recipe):
+    """The stage's tokenizer and its validated training and evaluation sets."""
+    train = _read(spec.data, labelled=is_classifier, max_documents=spec.max_documents)
+    train, held_out = _split_eval(train, spec, seed)
+    evaluation = (
+        _read(spec.eval_data, labelled=is_classifier, max_documents=spec.max_eval_documents)
+        if spec.eval_data is not None
+        else held_out
     )
+    tokenizer_spec = spec.tokenizer or recipe.tokenizer
+    if parent_path is None or tokenizer_spec.rebuild:
+        tokenizer = build_tokenizer(tokenizer_spec, train, spec.data.text_column)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(parent_path, trust_remote_code=True)
+    return tokenizer, train, evaluation
 
 
 def _train_from_scratch(config, args, trainer, test, folder: Path) -> dict[str, float]:
@@ -335,7 +340,8 @@ def _model_summary(model) -> str:
 
 def summarize(recipe: Recipe, results: list[StageResult]) -> str:
     """Prints and returns the end-of-run summary: per stage its metric, time, tokens/s and where it went."""
-    lines = [f"\nULMFiT run `{recipe.name}`", ""]
+    processes = results[0].processes if results else 1
+    lines = [f"\nULMFiT run `{recipe.name}` (processes {processes})", ""]
     lines.append(f"| stage | {'metric':<28} | {'time':>8} | {'tokens/s':>9} | saved to / pushed to |")
     lines.append(f"|---|{'-' * 30}|{'-' * 10}|{'-' * 11}|---|")
     for result in results:
