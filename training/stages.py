@@ -160,7 +160,7 @@ def run_stage(
         stage=stage_name,
         recipe=recipe.name,
         model_name=(repo_id or f"{recipe.name}-{stage_name}").split("/")[-1],
-        parent=_parent_name(recipe, spec, parent_path),
+        parent=_parent_name(recipe, spec, parent_path, parent),
         metrics={**metrics, **extra},
         eval_split="test" if test is not None else "validation",
         hyperparameters=_hyperparameters(model, args),
@@ -269,7 +269,10 @@ def _final_metrics(trainer, evaluation, test, is_classifier: bool) -> dict[str, 
         return {f"{prefix}_{name}": float(results[f"{prefix}_{name}"]) for name in ("accuracy", "f1", "error_rate")}
     if evaluation is None:
         return {}
-    results = trainer.evaluate()
+    # The evaluation run at the end of the last epoch already measured the final weights.
+    last = trainer.state.log_history[-2:] if trainer.state.log_history else []
+    finished = [e for e in last if "eval_loss" in e and e.get("step") == trainer.state.global_step]
+    results = finished[-1] if finished else trainer.evaluate()
     return {"eval_perplexity": float(math.exp(results["eval_loss"]))}
 
 
@@ -296,9 +299,12 @@ def _drop_mult(recipe: Recipe, spec: StageSpec) -> float:
     return spec.drop_mult if spec.drop_mult is not None else recipe.model.drop_mult
 
 
-def _parent_name(recipe: Recipe, spec: StageSpec, parent_path: str | None) -> str | None:
-    if spec.parent in STAGE_ORDER:
-        return recipe.stage_repo_id(spec.parent) or parent_path
+def _parent_name(recipe: Recipe, spec: StageSpec, parent_path: str | None, given_parent: str | None) -> str | None:
+    """The parent's Hub repository when the recipe names one under an organization, else where it was loaded from."""
+    if given_parent is None and spec.parent in STAGE_ORDER:
+        repo = recipe.stage_repo_id(spec.parent)
+        if repo and "/" in repo:
+            return repo
     return parent_path
 
 
