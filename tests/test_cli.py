@@ -12,17 +12,27 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 from training.cli import main
 
-# A small model and a short schedule: the real demo, shrunk to CI time.
+# The demo recipe shrunk to CI time: a small model, stage 1 on part of WikiText-2, and (through overrides) stages 2-3
+# on TREC-6 questions, whose classifier shows learning within seconds. A language model this small carries little, so
+# the classifier trains every layer at one rate.
+TREC_TRAIN = {"path": "bundled:trec_train_5500.label.gz", "format": "trec", "label_column": "coarse_label"}
+TREC_TEST = {"path": "bundled:trec_TREC_10.label.gz", "format": "trec", "label_column": "coarse_label"}
 SMALL = [
     "--set", "model.emb_size=48", "--set", "model.hidden_size=96", "--set", "model.bptt=40",
     "--set", "tokenizer.max_vocab=4000", "--set", "stages.finetune_lm.tokenizer.max_vocab=4000",
     "--set", "stages.pretrain.max_documents=1200", "--set", "stages.pretrain.max_eval_documents=200",
-    "--set", "stages.finetune_lm.max_documents=800", "--set", "stages.finetune_lm.max_eval_documents=100",
     "--set", "stages.pretrain.training.num_train_epochs=1",
-    "--set", "stages.finetune_lm.training.num_train_epochs=1",
-    "--set", "stages.classifier.training.num_train_epochs=3",
+    "--set", f"stages.finetune_lm.data={json.dumps(dict(TREC_TRAIN, label_column=None))}",
+    "--set", f"stages.finetune_lm.eval_data={json.dumps(dict(TREC_TEST, label_column=None))}",
+    "--set", "stages.finetune_lm.training.num_train_epochs=2",
+    "--set", f"stages.classifier.data={json.dumps(TREC_TRAIN)}",
+    "--set", f"stages.classifier.test_data={json.dumps(TREC_TEST)}",
+    "--set", "stages.classifier.training={num_train_epochs: 4, learning_rate: 0.01, per_device_train_batch_size: 32,"
+    " ulmfit_schedule: stlr, discriminative_lr_factor: 1.0}",
+    "--set", "stages.classifier.drop_mult=0.2",
     "--set", "stages.classifier.compare_from_scratch=false",
 ]
+TREC_LABELS = {"ABBR", "DESC", "ENTY", "HUM", "LOC", "NUM"}
 
 
 @pytest.fixture(scope="module")
@@ -43,22 +53,22 @@ def test_run_writes_three_loadable_stages_and_the_classifier_beats_chance(demo_r
         assert (folder / "training_curves.png").stat().st_size > 0
     assert json.loads((demo_run / "finetune_lm" / "ulmfit_stage.json").read_text())["parent"] == str(demo_run / "pretrain")
     classifier = AutoModelForSequenceClassification.from_pretrained(demo_run / "classifier")
-    assert classifier.config.id2label == {0: "neg", 1: "pos"}
+    assert set(classifier.config.id2label.values()) == TREC_LABELS
     record = json.loads((demo_run / "classifier" / "ulmfit_stage.json").read_text())
-    # 1,000 held-out IMDb test reviews, balanced: chance is 0.5.
-    assert record["metrics"]["test_accuracy"] > 0.62, record["metrics"]
+    # The 500 held-out TREC_10 questions: the most frequent class (NUM) is 22.6%, chance 1/6.
+    assert record["metrics"]["test_accuracy"] > 0.5, record["metrics"]
     assert record["parent"] == str(demo_run / "finetune_lm")
 
 
 def test_predict_writes_labels_and_probabilities(demo_run, tmp_path):
     reviews = tmp_path / "reviews.csv"
-    reviews.write_text('review\n"A wonderful, moving film."\n"Dull, badly acted and far too long."\n', encoding="utf-8")
+    reviews.write_text('review\n"Who wrote Hamlet ?"\n"How many miles is it to the moon ?"\n', encoding="utf-8")
     output = tmp_path / "out.jsonl"
     assert main(["predict", str(demo_run / "classifier"), str(reviews), "--text-column", "review", "--output", str(output)]) == 0
     rows = [json.loads(line) for line in output.read_text().splitlines()]
-    assert [row["text"] for row in rows] == ["A wonderful, moving film.", "Dull, badly acted and far too long."]
+    assert [row["text"] for row in rows] == ["Who wrote Hamlet ?", "How many miles is it to the moon ?"]
     for row in rows:
-        assert row["label"] in {"neg", "pos"}
+        assert row["label"] in TREC_LABELS
         assert sum(row["probabilities"].values()) == pytest.approx(1.0, abs=1e-4)
         assert row["label"] == max(row["probabilities"], key=row["probabilities"].get)
 
@@ -70,9 +80,9 @@ def test_predict_names_a_missing_column(demo_run, tmp_path):
 
 
 def test_generate_continues_the_prompt(demo_run, capsys):
-    assert main(["generate", str(demo_run / "finetune_lm"), "The movie was", "--max-new-tokens", "12", "--greedy"]) == 0
+    assert main(["generate", str(demo_run / "finetune_lm"), "What is the", "--max-new-tokens", "12", "--greedy"]) == 0
     text = capsys.readouterr().out.strip().splitlines()[-1]
-    assert text.startswith("The movie was ") and len(text.split()) > 4
+    assert text.startswith("What is the ") and len(text.split()) > 4
 
 
 def test_a_single_stage_starts_from_a_given_parent(demo_run, tmp_path):
