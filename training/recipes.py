@@ -65,6 +65,7 @@ class StageSpec:
     eval_fraction: float = 0.1
     max_documents: int | None = None  # use only the first N training documents
     max_eval_documents: int | None = None
+    max_tokens: int | None = None  # classifier: read only the last N tokens of each document (it pools over the end)
     parent: str | None = None
     repo_id: str | None = None
     tokenizer: TokenizerSpec | None = None

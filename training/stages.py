@@ -240,16 +240,21 @@ def _classifier_trainer(recipe, spec, parent_path, tokenizer, train, evaluation,
         **AwdLstmConfig.dropouts("classifier", _drop_mult(recipe, spec)),
     )
     column = spec.data.text_column
+    if spec.max_tokens is not None:
+        tokenizer.truncation_side = "left"  # keep the end of each document, which the classifier pools over
 
     def prepare(dataset, data_spec):
         if dataset is None:
             return None
         dataset, _, _ = encode_labels(dataset, label_column=data_spec.label_column, label_names=names)
         return tokenize_for_classification(
-            dataset, tokenizer, text_column=data_spec.text_column, label_column=data_spec.label_column
+            dataset, tokenizer, text_column=data_spec.text_column, label_column=data_spec.label_column,
+            max_length=spec.max_tokens,
         )
 
-    train_tokens = tokenize_for_classification(train, tokenizer, text_column=column, label_column=label_column)
+    train_tokens = tokenize_for_classification(
+        train, tokenizer, text_column=column, label_column=label_column, max_length=spec.max_tokens
+    )
     eval_tokens = prepare(evaluation, spec.eval_data or spec.data)
     test = _read(spec.test_data, labelled=True) if spec.test_data is not None else None
     test_tokens = prepare(test, spec.test_data) if test is not None else None
