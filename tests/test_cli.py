@@ -21,7 +21,7 @@ SMALL = [
     "--set", "model.emb_size=48", "--set", "model.hidden_size=96", "--set", "model.bptt=40",
     "--set", "tokenizer.max_vocab=4000", "--set", "stages.finetune_lm.tokenizer.max_vocab=4000",
     "--set", "stages.pretrain.max_documents=1200", "--set", "stages.pretrain.max_eval_documents=200",
-    "--set", "stages.pretrain.training.num_train_epochs=1",
+    "--set", "stages.pretrain.training.num_train_epochs=1", "--set", "stages.finetune_lm.max_eval_documents=null",
     "--set", f"stages.finetune_lm.data={json.dumps(dict(TREC_TRAIN, label_column=None))}",
     "--set", f"stages.finetune_lm.eval_data={json.dumps(dict(TREC_TEST, label_column=None))}",
     "--set", "stages.finetune_lm.training.num_train_epochs=2",
