@@ -74,6 +74,145 @@ class AwdLstmCache:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# bf16 training on CPU. On CPUs with bf16 matrix units, oneDNN's fused LSTM runs its backward pass at a fraction of the
+# units' speed, and a full-vocabulary decoder spends most of its time writing and re-reading fp32 logits. The two
+# autograd functions below do the same arithmetic as large bf16 matrix products: the LSTM projects every input in one
+# product and runs only the small recurrent product per step (gate activations and cell states in fp32), and the
+# decoder computes the cross entropy and its gradients a slice of tokens at a time, never holding all the logits.
+# ----------------------------------------------------------------------------------------------------------------------
+def _cpu_bf16_autocast(tensor: torch.Tensor) -> bool:
+    return (
+        tensor.device.type == "cpu"
+        and torch.is_autocast_enabled("cpu")
+        and torch.get_autocast_dtype("cpu") == torch.bfloat16
+    )
+
+
+class _StepwiseLstm(torch.autograd.Function):
+    """One LSTM layer, batch first, PyTorch's gate order (input, forget, cell, output). `mask` (time, batch, 1) is 1
+    at real tokens: at padding the state is carried unchanged and the output is zero (a packed sequence's results).
+    Matrix products run in `dtype` (bf16 in training under CPU autocast), gates and cells in fp32."""
+
+    @staticmethod
+    def forward(ctx, inputs, mask, h0, c0, w_ih, w_hh, b_ih, b_hh, dtype):
+        batch, steps, _ = inputs.shape
+        size = w_hh.size(1)
+        with torch.autocast("cpu", enabled=False):
+            w_ih_c, w_hh_c = w_ih.to(dtype), w_hh.to(dtype)
+            x = inputs.to(dtype).transpose(0, 1).reshape(steps * batch, -1)
+            projected = torch.addmm((b_ih + b_hh).to(dtype), x, w_ih_c.t()).view(steps, batch, 4 * size)
+            gates = projected.new_empty(steps, batch, 4 * size, dtype=torch.float32)  # activated i, f, g, o
+            cells = projected.new_empty(steps + 1, batch, size, dtype=torch.float32)
+            outputs = projected.new_empty(steps, batch, size)
+            h, c = h0[0].to(dtype), c0[0].float()
+            cells[0] = c
+            cell_gate = slice(2 * size, 3 * size)
+            for t in range(steps):
+                pre = torch.addmm(projected[t], h, w_hh_c.t()).float()
+                act = gates[t]
+                torch.sigmoid(pre, out=act)
+                act[:, cell_gate] = pre[:, cell_gate].tanh()
+                i, f, g, o = act.chunk(4, 1)
+                c_new = torch.addcmul(f * c, i, g)
+                h_new = o * c_new.tanh()
+                if mask is not None:
+                    keep = mask[t]
+                    c = torch.lerp(c, c_new, keep)
+                    outputs[t] = h_new * keep
+                    h = torch.lerp(h.float(), h_new, keep).to(dtype)
+                else:
+                    c = c_new
+                    outputs[t] = h_new
+                    h = outputs[t]
+                cells[t + 1] = c
+        ctx.save_for_backward(x, mask, h0, w_ih_c, w_hh_c, gates, cells, outputs)
+        ctx.input_dtype = inputs.dtype
+        return outputs.transpose(0, 1), h[None], c[None]
+
+    @staticmethod
+    def backward(ctx, grad_outputs, grad_h, grad_c):
+        x, mask, h0, w_ih_c, w_hh_c, gates, cells, outputs = ctx.saved_tensors
+        steps, batch, size4 = gates.shape
+        size = size4 // 4
+        grad_outputs = grad_outputs.float().transpose(0, 1) if grad_outputs is not None else None
+        dh = grad_h[0].float() if grad_h is not None else gates.new_zeros(batch, size)
+        dc = grad_c[0].float() if grad_c is not None else gates.new_zeros(batch, size)
+        grad_gates = gates.new_empty(steps, batch, size4, dtype=w_hh_c.dtype)
+        d_act = gates.new_empty(batch, size4)
+        cell_gate = slice(2 * size, 3 * size)
+        for t in reversed(range(steps)):
+            if mask is not None:  # a padded step passes the state's gradient through to the step before
+                keep, dh_carried, dc_carried = mask[t], dh, dc
+            if grad_outputs is not None:
+                dh = dh + grad_outputs[t]
+            if mask is not None:
+                dh, dc = dh * keep, dc * keep
+            act = gates[t]
+            i, f, g, o = act.chunk(4, 1)
+            tanh_c = cells[t + 1].tanh()  # at padding this is the carried cell, but there dh and dc are zero
+            dc = dc + dh * o * (1 - tanh_c * tanh_c)
+            di, df, dg, do = d_act.chunk(4, 1)
+            torch.mul(dc, g, out=di), torch.mul(dc, cells[t], out=df), torch.mul(dc, i, out=dg)
+            torch.mul(dh, tanh_c, out=do)
+            derivative = act * (1 - act)
+            derivative[:, cell_gate] = 1 - g * g
+            grad_gates[t] = d_act * derivative
+            dh = torch.mm(grad_gates[t], w_hh_c).float()
+            dc = dc * f
+            if mask is not None:
+                dh, dc = dh + dh_carried * (1 - keep), dc + dc_carried * (1 - keep)
+        flat = grad_gates.view(steps * batch, size4)
+        # Each step's recurrent input: the state before it (a padded step's gradient is zero, so its row is unused).
+        previous = torch.cat([h0.to(outputs.dtype), outputs[:-1]]).view(steps * batch, size)
+        grad_bias = flat.float().sum(0)
+        grad_inputs = torch.mm(flat, w_ih_c).view(steps, batch, -1).transpose(0, 1).to(ctx.input_dtype)
+        return (
+            grad_inputs, None, dh[None], dc[None],
+            torch.mm(flat.t(), x).float(), torch.mm(flat.t(), previous).float(), grad_bias, grad_bias, None,
+        )
+
+
+class _ChunkedLinearCrossEntropy(torch.autograd.Function):
+    """Summed cross entropy of `hidden @ weight.T + bias` against `targets` (-100 ignored), a slice of `chunk_size`
+    tokens at a time. Each slice's gradient (softmax minus one-hot) is kept in `dtype`, and the gradients of the
+    inputs come from two large products at the end, scaled in `backward`: the loss is the graph's last operation, so
+    its incoming gradient is a scalar."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, dtype, chunk_size):
+        needs_grad = any(ctx.needs_input_grad[:3])
+        with torch.autocast(hidden.device.type, enabled=False):
+            w, h = weight.to(dtype), hidden.to(dtype)
+            b = bias.to(dtype) if bias is not None else None
+            total = hidden.new_zeros((), dtype=torch.float32)
+            grad_logits = h.new_empty(h.size(0), w.size(0)) if needs_grad else None
+            for start in range(0, h.size(0), chunk_size):
+                rows = slice(start, start + chunk_size)
+                logits = (torch.addmm(b, h[rows], w.t()) if b is not None else h[rows] @ w.t()).float()
+                target = targets[rows]
+                valid = (target != -100).float()
+                target = target.clamp_min(0)[:, None]
+                top = logits.amax(-1, keepdim=True)
+                picked = logits.gather(1, target)
+                probs = logits.sub_(top).exp_()
+                norm = probs.sum(-1, keepdim=True)
+                total += ((norm.log() + top - picked)[:, 0] * valid).sum()
+                if needs_grad:
+                    probs.div_(norm).scatter_add_(1, target, -torch.ones_like(target, dtype=probs.dtype))
+                    grad_logits[rows] = probs.mul_(valid[:, None])
+            grads = (None, None, None)
+            if needs_grad:
+                grad_bias = grad_logits.sum(0, dtype=torch.float32) if b is not None else None
+                grads = (grad_logits @ w, (grad_logits.t() @ h).float(), grad_bias)
+        ctx.save_for_backward(*grads)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        return *(grad * grad_total if grad is not None else None for grad in ctx.saved_tensors), None, None, None
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # Layers
 # ----------------------------------------------------------------------------------------------------------------------
 class AwdLstmLayer(nn.Module):
@@ -97,9 +236,26 @@ class AwdLstmLayer(nn.Module):
         weights = {}
         if self.training and self.weight_p > 0:
             weights["weight_hh_l0"] = F.dropout(self.lstm.weight_hh_l0, p=self.weight_p, training=True)
+        if torch.is_grad_enabled() and _cpu_bf16_autocast(hidden):
+            return self._forward_bf16(hidden, state, lengths, weights.get("weight_hh_l0", self.lstm.weight_hh_l0))
         if lengths is None:
             return functional_call(self.lstm, weights, (hidden, state))
         return self._forward_packed(hidden, state, lengths, weights)
+
+    def _forward_bf16(self, hidden, state, lengths, weight_hh):
+        batch, seq_len = hidden.shape[:2]
+        if state is None:
+            zeros = hidden.new_zeros(1, batch, self.lstm.hidden_size, dtype=torch.float32)
+            state = (zeros, zeros)
+        mask = None
+        if lengths is not None:
+            mask = (torch.arange(seq_len, device=hidden.device)[:, None] < lengths[None, :]).float()[..., None]
+        lstm = self.lstm
+        output, h, c = _StepwiseLstm.apply(
+            hidden, mask, state[0], state[1], lstm.weight_ih_l0, weight_hh, lstm.bias_ih_l0, lstm.bias_hh_l0,
+            torch.bfloat16,
+        )
+        return output, (h, c)
 
     def _forward_packed(self, hidden, state, lengths, weights):
         # Rows hold their real tokens first (the model moved them there); a packed sequence stops each row's state
@@ -314,6 +470,8 @@ class AwdLstmForCausalLM(AwdLstmPreTrainedModel, GenerationMixin):
     """AWD-LSTM language model: locked dropout (`output_p`), then a linear decoder tied to the embedding."""
 
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    # Tokens per slice of the training loss: its fp32 logits (slice x vocab) stay in the CPU's cache.
+    loss_chunk_size = 256
 
     def __init__(self, config: AwdLstmConfig):
         super().__init__(config)
@@ -386,24 +544,42 @@ class AwdLstmForCausalLM(AwdLstmPreTrainedModel, GenerationMixin):
         )
         raw = outputs.last_hidden_state
         dropped = locked_dropout(raw, self.config.output_p, self.training)
-        kept = dropped[:, -logits_to_keep:] if logits_to_keep else dropped
-        logits = self.lm_head(kept)
+        wants_loss = labels is not None or shift_labels is not None
 
-        loss = None
-        if labels is not None or shift_labels is not None:
-            loss = self.loss_function(
-                logits, labels, vocab_size=self.config.vocab_size,
-                shift_labels=shift_labels.contiguous() if shift_labels is not None else None,
-                num_items_in_batch=num_items_in_batch,
-            )
-            if self.training:
-                loss = loss + self.activation_regularization(raw, dropped, attention_mask)
+        logits = loss = None
+        if self.training and wants_loss and not logits_to_keep:
+            # Training needs the loss only: decoder and cross entropy run slice by slice, without the logits.
+            loss = self._chunked_loss(dropped, labels, shift_labels, num_items_in_batch)
+        else:
+            logits = self.lm_head(dropped[:, -logits_to_keep:] if logits_to_keep else dropped)
+            if wants_loss:
+                loss = self.loss_function(
+                    logits, labels, vocab_size=self.config.vocab_size,
+                    shift_labels=shift_labels.contiguous() if shift_labels is not None else None,
+                    num_items_in_batch=num_items_in_batch,
+                )
+        if loss is not None and self.training:
+            loss = loss + self.activation_regularization(raw, dropped, attention_mask)
 
         if not return_dict:
             output = (logits, outputs.cache, outputs.hidden_states)
             output = tuple(v for v in output if v is not None)
             return ((loss,) + output) if loss is not None else output
         return AwdLstmCausalLMOutput(loss=loss, logits=logits, cache=outputs.cache, hidden_states=outputs.hidden_states)
+
+    def _chunked_loss(self, hidden, labels, shift_labels, num_items_in_batch) -> torch.Tensor:
+        """Mean cross entropy over the targets (or over `num_items_in_batch`, as transformers' causal LM loss)."""
+        if shift_labels is None:
+            shift_labels = F.pad(labels, (0, 1), value=-100)[:, 1:]
+        targets = shift_labels.reshape(-1).to(hidden.device)
+        device = hidden.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else self.lm_head.weight.dtype
+        total = _ChunkedLinearCrossEntropy.apply(
+            hidden.reshape(-1, hidden.size(-1)), self.lm_head.weight, self.lm_head.bias, targets, dtype,
+            self.loss_chunk_size,
+        )
+        denominator = num_items_in_batch if num_items_in_batch is not None else (targets != -100).sum()
+        return total / denominator
 
     def activation_regularization(
         self, raw: torch.Tensor, dropped: torch.Tensor, attention_mask: torch.Tensor | None = None

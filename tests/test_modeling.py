@@ -151,6 +151,100 @@ def test_classifier_matches_fastai_in_train_mode_with_the_same_masks(fastai_text
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# The bf16 CPU training kernels compute what the reference layers compute
+# ----------------------------------------------------------------------------------------------------------------------
+def lstm_outputs_and_grads(layer, inputs, state, lengths, run):
+    """Outputs, final state and every gradient of a weighted sum of them, after `run(inputs, state)`."""
+    inputs = inputs.clone().requires_grad_()
+    state = tuple(s.clone().requires_grad_() for s in state)
+    layer.zero_grad()
+    out, (h, c) = run(inputs, state)
+    weights = torch.linspace(-1, 1, out.numel()).view_as(out)
+    ((out.float() * weights).sum() + 0.3 * h.float().sum() + 0.7 * c.float().sum()).backward()
+    return [out.float(), h.float(), c.float(), inputs.grad, *(s.grad for s in state)] + [
+        p.grad.clone() for p in layer.parameters()
+    ]
+
+
+@pytest.mark.parametrize("lengths", [None, [9, 3, 0, 7, 9]])
+def test_stepwise_lstm_equals_torch_lstm_with_and_without_padding(lengths):
+    """Outputs, state and all gradients in fp32 (1e-5), including padded steps and a row with no token at all."""
+    from modeling_awd_lstm.modeling_awd_lstm import AwdLstmLayer, _StepwiseLstm
+
+    torch.manual_seed(0)
+    layer = AwdLstmLayer(12, 20, weight_p=0.0)
+    inputs, state = torch.randn(5, 9, 12), (torch.randn(1, 5, 20), torch.randn(1, 5, 20))
+    lengths = torch.tensor(lengths) if lengths is not None else None
+    reference = lstm_outputs_and_grads(layer, inputs, state, lengths, lambda x, s: layer(x, s, lengths))
+
+    def stepwise(x, s):
+        mask = None if lengths is None else (torch.arange(9)[:, None] < lengths[None]).float()[..., None]
+        lstm = layer.lstm
+        out, h, c = _StepwiseLstm.apply(
+            x, mask, *s, lstm.weight_ih_l0, lstm.weight_hh_l0, lstm.bias_ih_l0, lstm.bias_hh_l0, torch.float32
+        )
+        return out, (h, c)
+
+    for expected, got in zip(reference, lstm_outputs_and_grads(layer, inputs, state, lengths, stepwise)):
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def grad_fn_names(tensor: torch.Tensor) -> set[str]:
+    names, stack, seen = set(), [tensor.grad_fn], set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.add(type(node).__name__)
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return names
+
+
+def test_bf16_training_on_cpu_runs_the_stepwise_lstm_and_stays_close_to_fp32():
+    torch.manual_seed(0)
+    model = AwdLstmForCausalLM(tiny_config()).train()
+    ids, mask = pad_batch([torch.randint(4, 80, (n,)) for n in (5, 13, 27)], pad_id=1, side="right")
+    results = []
+    for bf16 in (False, True):
+        model.zero_grad()
+        torch.manual_seed(1)
+        with torch.autocast("cpu", torch.bfloat16, enabled=bf16):
+            out = model(ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100))
+        assert ("_StepwiseLstmBackward" in grad_fn_names(out.loss)) == bf16
+        out.loss.backward()
+        results.append([out.loss.detach()] + [p.grad.clone() for p in model.parameters()])
+    for expected, got in zip(*results):
+        assert (got - expected).abs().max() <= 0.02 * expected.abs().max()
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_chunked_training_loss_equals_cross_entropy_of_the_logits(bias):
+    """Training computes the loss slice by slice without logits; it equals the cross entropy of the full logits."""
+    torch.manual_seed(0)
+    model = AwdLstmForCausalLM(tiny_config(vocab_size=300, output_bias=bias, ar_alpha=0.0, tar_beta=0.0))
+    model.loss_chunk_size = 64
+    ids, targets = torch.randint(0, 300, (3, 50)), torch.randint(0, 300, (3, 50))
+    targets[0, :7] = -100
+    grads = []
+    for chunked in (True, False):
+        model.train().zero_grad()
+        torch.manual_seed(1)
+        out = model(ids, shift_labels=targets, output_hidden_states=True, num_items_in_batch=100)
+        if chunked:
+            assert out.logits is None
+            loss = out.loss
+        else:  # the same dropout masks (same seed), then the logits and transformers' loss rule
+            torch.manual_seed(1)
+            logits = model(ids, output_hidden_states=True).logits
+            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, 300), targets.reshape(-1), reduction="sum") / 100
+        loss.backward()
+        grads.append([loss.detach()] + [p.grad.clone() for p in model.parameters()])
+    for got, expected in zip(*grads):
+        torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # Padding never changes a result
 # ----------------------------------------------------------------------------------------------------------------------
 def pad_batch(docs: list[torch.Tensor], pad_id: int, side: str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -272,15 +272,17 @@ def test_a_crash_while_saving_leaves_no_checkpoint_to_resume(tokenizer, corpus, 
 # ----------------------------------------------------------------------------------------------------------------------
 def test_bf16_on_cpu_trains_and_evaluates_under_autocast(tokenizer, corpus, eval_corpus, tmp_path):
     model = lm_model(tokenizer)
-    decoder_dtypes = []
+    lstm_dtypes, decoder_dtypes = [], []
+    model.model.layers[-1].register_forward_hook(lambda module, inputs, output: lstm_dtypes.append(output[0].dtype))
     model.lm_head.register_forward_hook(lambda module, inputs, output: decoder_dtypes.append(output.dtype))
     args = arguments(tmp_path, max_steps=4, bf16=True)
     trainer = RecordingTrainer(model=model, args=args, train_dataset=corpus, eval_dataset=eval_corpus)
     trainer.train()
-    assert set(decoder_dtypes) == {torch.bfloat16}
+    assert set(lstm_dtypes) == {torch.bfloat16}
     assert all(torch.isfinite(torch.tensor(loss)) for _, loss in trainer.batches)
     assert model.model.embed_tokens.weight.dtype == torch.float32  # autocast, not a bf16 model
     assert 1 < trainer.evaluate()["eval_perplexity"] < len(tokenizer)
+    assert set(decoder_dtypes) == {torch.bfloat16}  # evaluation computes the logits (training only the loss)
 
 
 def test_the_trainer_checks_what_it_is_given(tokenizer, corpus, tmp_path):
@@ -359,13 +361,14 @@ def test_lm_then_classifier_on_imdb_improves_both(tmp_path):
     trainer.save_model(str(tmp_path / "lm" / "final"))
 
     # Stage 3: the classifier starts from the LM's encoder. One rate for every group: a tiny LM trained for a few
-    # seconds has little worth protecting with lower rates.
+    # seconds has little worth protecting with lower rates. (Measured over seeds 0-3: 0.76-0.80; at a rate of 1e-2
+    # some seeds stay at chance.)
     torch.manual_seed(0)
     classifier = AwdLstmForSequenceClassification.from_pretrained(
         str(tmp_path / "lm" / "final"), num_labels=2, **AwdLstmConfig.dropouts("classifier", 0.1)
     )
     args = arguments(tmp_path / "classifier", per_device_train_batch_size=16, per_device_eval_batch_size=64,
-                     num_train_epochs=6, learning_rate=1e-2, discriminative_lr_factor=1.0)
+                     num_train_epochs=8, learning_rate=5e-3, discriminative_lr_factor=1.0)
     trainer = ULMFiTTrainer(
         model=classifier, args=args, processing_class=tokenizer, compute_metrics=classification_compute_metrics(),
         train_dataset=classification_dataset(tokenizer, "train", limit=1000, max_length=128),

@@ -45,6 +45,10 @@ STAGING_PREFIX = "tmp-"
 RECURRENT_STATE_NAME = "recurrent_state"
 
 
+def _has_accelerator() -> bool:
+    return torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available()) or torch.backends.mps.is_available()
+
+
 @dataclass
 class ULMFiTTrainingArguments(TrainingArguments):
     r"""
@@ -147,6 +151,10 @@ class ULMFiTTrainingArguments(TrainingArguments):
     )
 
     def __post_init__(self):
+        if self.bf16 and not self.use_cpu and not _has_accelerator():
+            # A recipe written for GPUs still runs here: bf16 on a CPU-only machine is CPU autocast, which
+            # transformers only allows with `use_cpu`.
+            self.use_cpu = True
         super().__post_init__()
         if self.discriminative_lr_factor <= 0:
             raise ValueError(f"discriminative_lr_factor must be positive; got {self.discriminative_lr_factor}.")
