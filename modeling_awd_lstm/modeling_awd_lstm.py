@@ -238,9 +238,25 @@ class AwdLstmLayer(nn.Module):
             weights["weight_hh_l0"] = F.dropout(self.lstm.weight_hh_l0, p=self.weight_p, training=True)
         if torch.is_grad_enabled() and _cpu_bf16_autocast(hidden):
             return self._forward_bf16(hidden, state, lengths, weights.get("weight_hh_l0", self.lstm.weight_hh_l0))
+        if lengths is None and hidden.size(1) == 1 and state is not None:
+            return self._step(hidden, state, weights.get("weight_hh_l0", self.lstm.weight_hh_l0))
         if lengths is None:
-            return functional_call(self.lstm, weights, (hidden, state))
+            return self._run_lstm(weights, hidden, state)
         return self._forward_packed(hidden, state, lengths, weights)
+
+    def _step(self, hidden, state, weight_hh):
+        # One token (generation): two matrix-vector products. The fused kernels re-layout the weights on every call,
+        # which costs many times the step itself.
+        lstm = self.lstm
+        h, c = torch.lstm_cell(
+            hidden[:, 0], (state[0][0], state[1][0]), lstm.weight_ih_l0, weight_hh, lstm.bias_ih_l0, lstm.bias_hh_l0
+        )
+        return h[:, None], (h[None], c[None])
+
+    def _run_lstm(self, weights, inputs, state):
+        # Without a dropped weight (evaluation, generation) the module runs as is: swapping parameters costs more
+        # than a one-token step.
+        return functional_call(self.lstm, weights, (inputs, state)) if weights else self.lstm(inputs, state)
 
     def _forward_bf16(self, hidden, state, lengths, weight_hh):
         batch, seq_len = hidden.shape[:2]
@@ -270,7 +286,7 @@ class AwdLstmLayer(nn.Module):
         rows_in = hidden if all_active else hidden.index_select(0, active)
         state_in = state if all_active else (state[0].index_select(1, active), state[1].index_select(1, active))
         packed = pack_padded_sequence(rows_in, lengths[active].cpu(), batch_first=True, enforce_sorted=False)
-        output, (h, c) = functional_call(self.lstm, weights, (packed, state_in))
+        output, (h, c) = self._run_lstm(weights, packed, state_in)
         output = pad_packed_sequence(output, batch_first=True, total_length=seq_len)[0]
         if all_active:
             return output, (h, c)
