@@ -47,7 +47,7 @@ class Settings:
     infer_docs: int = 1000
     infer_repeats: int = 1  # each inference run already times every batch of the 1,000 reviews
     infer_batch_size: int = 64
-    single_docs: int = 100  # one-at-a-time prediction on the first `single_docs` of the `infer_docs`
+    single_docs: int = 50  # one-at-a-time prediction on the first `single_docs` of the `infer_docs`
 
     # 4. Generation.
     gen_vocab: int = 30000

@@ -34,7 +34,9 @@ class AwdLstmConfig(PreTrainedConfig):
             `ps`); defaults to `[output_p] + [0.1] * len(classifier_hidden_sizes)`, as fastai.
         bptt (`int`): BPT3C chunk length: the classifier reads a document `bptt` tokens at a time.
         max_len (`int`): the classifier pools over (about) the last `max_len` tokens of a document.
-        backwards (`bool`): the model reads text reversed (for forward + backward ensembles).
+        backwards (`bool`): the model reads text reversed (for forward + backward ensembles). Its language model is
+            trained on reversed documents (`training.data.tokenize_for_lm(backwards=True)`, the recipes do it);
+            the classifier reverses each document itself, so it takes text in reading order.
     """
 
     model_type: ClassVar[str] = "awd_lstm"

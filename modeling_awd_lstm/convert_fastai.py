@@ -11,6 +11,9 @@ Three kinds of source are accepted:
 Sizes are read from the weights. The result computes exactly what fastai computes (see `modeling_awd_lstm.py`), and
 the tokenizer ([`AwdLstmTokenizer`]) gives fastai's token ids.
 
+The other way, [`to_fastai_state_dict`] gives a model's weights with fastai's keys and [`save_fastai_pretrained`]
+writes a stage folder as the weights and vocabulary pair that fastai's `load_pretrained` starts from.
+
 Pickles can run code when opened. Weights are read with `torch.load(weights_only=True)` (the few plain-data classes of
 fastai's optimizer state are read as inert data), vocabularies with an unpickler that builds nothing but lists of
 strings, and an exported `Learner`, which is a pickle of arbitrary objects, is opened only when the caller says that
@@ -36,7 +39,7 @@ from transformers.utils import logging
 
 from .configuration_awd_lstm import AwdLstmConfig
 from .modeling_awd_lstm import AwdLstmForCausalLM, AwdLstmForSequenceClassification, AwdLstmPreTrainedModel
-from .tokenization_awd_lstm import BOS, EOS, PAD, PRE_RULES, AwdLstmTokenizer, lowercase
+from .tokenization_awd_lstm import BOS, EOS, PAD, PRE_RULES, VOCAB_FILES_NAMES, AwdLstmTokenizer, lowercase
 
 
 logger = logging.get_logger(__name__)
@@ -597,6 +600,113 @@ def _model_card(model: AwdLstmPreTrainedModel, sources: dict[str, tuple[str, str
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# This package to fastai
+# ----------------------------------------------------------------------------------------------------------------------
+def to_fastai_state_dict(
+    model: AwdLstmForCausalLM | AwdLstmForSequenceClassification, legacy_dropped_weights: bool = False
+) -> dict[str, torch.Tensor]:
+    """The model's weights with fastai 2.8's keys, in the order of fastai's own state dict: the inverse of
+    [`convert_fastai_state_dict`].
+
+    A language model gives the state dict of `get_language_model(AWD_LSTM, ...)` (`SequentialRNN(AWD_LSTM,
+    LinearDecoder)`: embedding, its `EmbeddingDropout` copy, each LSTM's `weight_hh_l0_raw` and `module.*` weights,
+    the decoder and its bias); a classifier that of `get_text_classifier` (`SequentialRNN(SentenceEncoder(AWD_LSTM),
+    PoolingLinearClassifier)`). Either loads into the fastai model with `load_state_dict(strict=True)`, and the order
+    matters too: fastai's `load_pretrained` copies weights by position, whatever their names.
+
+    Args:
+        model: the model to export. Settings that are not weights (dropouts, `bptt`, `max_len`, `backwards`) are the
+            fastai learner's to set.
+        legacy_dropped_weights: also write `module.weight_hh_l0`, the weight-dropped copy of each hidden-to-hidden
+            matrix that older fastai checkpoints (the WikiText-103 `.pth`) hold; fastai 2.8's `load_pretrained`
+            drops it, but its `load_state_dict(strict=True)` refuses it.
+    """
+    if isinstance(model, AwdLstmForCausalLM):
+        prefix = "0."
+    elif isinstance(model, AwdLstmForSequenceClassification):
+        prefix = "0.module."
+    else:
+        raise FastaiConversionError(
+            f"Only AwdLstmForCausalLM and AwdLstmForSequenceClassification have a fastai equivalent; got "
+            f"{type(model).__name__}."
+        )
+    ours = {key: tensor.detach().clone() for key, tensor in model.state_dict().items()}
+    embedding = ours["model.embed_tokens.weight"]
+    state_dict = {f"{prefix}encoder.weight": embedding, f"{prefix}encoder_dp.emb.weight": embedding.clone()}
+    for index in range(model.config.num_layers):
+        lstm = f"model.layers.{index}.lstm."
+        rnn = f"{prefix}rnns.{index}."
+        state_dict[f"{rnn}weight_hh_l0_raw"] = ours[f"{lstm}weight_hh_l0"]
+        state_dict[f"{rnn}module.weight_ih_l0"] = ours[f"{lstm}weight_ih_l0"]
+        if legacy_dropped_weights:
+            state_dict[f"{rnn}module.weight_hh_l0"] = ours[f"{lstm}weight_hh_l0"].clone()
+        for name in ("bias_ih_l0", "bias_hh_l0"):
+            state_dict[f"{rnn}module.{name}"] = ours[f"{lstm}{name}"]
+    if isinstance(model, AwdLstmForCausalLM):
+        state_dict["1.decoder.weight"] = ours["lm_head.weight"]
+        if "lm_head.bias" in ours:
+            state_dict["1.decoder.bias"] = ours["lm_head.bias"]
+        return state_dict
+    # Our head is [BatchNorm1d, Dropout, Linear, ReLU] per block; fastai's `LinBnDrop` is [BatchNorm1d, Dropout,
+    # Linear], without the Dropout when its p is 0, so the Linear is child 2 or child 1.
+    for block, p in enumerate(model.config.head_dropouts):
+        for name in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
+            state_dict[f"1.layers.{block}.0.{name}"] = ours[f"classifier.layers.{4 * block}.{name}"]
+        state_dict[f"1.layers.{block}.{2 if p > 0 else 1}.weight"] = ours[f"classifier.layers.{4 * block + 2}.weight"]
+    return state_dict
+
+
+def save_fastai_pretrained(
+    folder: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    name: str = "lm",
+    legacy_dropped_weights: bool = False,
+) -> tuple[Path, Path]:
+    """Write a stage folder of this package as fastai's pretrained pair: `{name}.pth` (`{"model": state_dict}`, as
+    `learn.save` writes it) and `{name}.pkl` (the vocabulary, a pickled list of tokens).
+
+    A language model's pair is what fastai starts ULMFiT's LM fine-tuning from, moving the embeddings to the new
+    corpus' vocabulary with `match_embeds`:
+
+        learn = language_model_learner(dls, AWD_LSTM, config={**awd_lstm_lm_config, "emb_sz": ..., "n_hid": ...,
+                                       "n_layers": ...}, pretrained=False)
+        learn.load_pretrained(weights, vocab)  # or pretrained_fnames=[name, name], the files in learn.path/model_dir
+
+    A model that reads text backwards (`config.backwards`) must go to a learner built with `backwards=True`.
+
+    Returns the paths of the weights and of the vocabulary.
+    """
+    folder, output_dir = Path(folder), Path(output_dir)
+    config = AwdLstmConfig.from_pretrained(folder)
+    architectures = config.architectures or []
+    if "AwdLstmForSequenceClassification" in architectures:
+        model = AwdLstmForSequenceClassification.from_pretrained(folder)
+    elif "AwdLstmForCausalLM" in architectures:
+        model = AwdLstmForCausalLM.from_pretrained(folder)
+    else:
+        raise FastaiConversionError(
+            f"{folder} holds {architectures or 'no model class'}: save an AwdLstmForCausalLM or "
+            "AwdLstmForSequenceClassification there (a stage folder of this package)."
+        )
+    if not (folder / VOCAB_FILES_NAMES["vocab_file"]).is_file():
+        raise FastaiConversionError(
+            f"{folder} has no {VOCAB_FILES_NAMES['vocab_file']}: fastai models read fastai's word-level tokens, so "
+            "only a model with an AwdLstmTokenizer (not a subword tokenizer) can be exported."
+        )
+    vocab = AwdLstmTokenizer.from_pretrained(folder).itos
+    if len(vocab) != config.vocab_size:
+        raise FastaiConversionError(
+            f"{folder}: the tokenizer has {len(vocab)} tokens but the model {config.vocab_size} embedding rows."
+        )
+    output_dir.mkdir(parents=True, exist_ok=True)
+    weights_path, vocab_path = output_dir / f"{name}.pth", output_dir / f"{name}.pkl"
+    torch.save({"model": to_fastai_state_dict(model, legacy_dropped_weights)}, weights_path)
+    with open(vocab_path, "wb") as f:
+        pickle.dump(list(vocab), f)
+    return weights_path, vocab_path
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # Vocabulary transfer
 # ----------------------------------------------------------------------------------------------------------------------
 _VOCABULARY_ROWS = ("model.embed_tokens.weight", "lm_head.weight", "lm_head.bias")
@@ -659,5 +769,7 @@ __all__ = [
     "fastai_weights_to_transformers",
     "load_fastai_vocab",
     "read_fastai_checkpoint",
+    "save_fastai_pretrained",
+    "to_fastai_state_dict",
     "transfer_vocab",
 ]

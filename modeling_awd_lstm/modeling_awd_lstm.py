@@ -91,7 +91,8 @@ def _cpu_bf16_autocast(tensor: torch.Tensor) -> bool:
 class _StepwiseLstm(torch.autograd.Function):
     """One LSTM layer, batch first, PyTorch's gate order (input, forget, cell, output). `mask` (time, batch, 1) is 1
     at real tokens: at padding the state is carried unchanged and the output is zero (a packed sequence's results).
-    Matrix products run in `dtype` (bf16 in training under CPU autocast), gates and cells in fp32."""
+    Matrix products run in `dtype` (bf16 in training under CPU autocast), gates and cells in fp32; the activated gates
+    and cells are kept for the backward pass in `dtype`, which halves the memory a long BPT3C graph holds in bf16."""
 
     @staticmethod
     def forward(ctx, inputs, mask, h0, c0, w_ih, w_hh, b_ih, b_hh, dtype):
@@ -101,17 +102,17 @@ class _StepwiseLstm(torch.autograd.Function):
             w_ih_c, w_hh_c = w_ih.to(dtype), w_hh.to(dtype)
             x = inputs.to(dtype).transpose(0, 1).reshape(steps * batch, -1)
             projected = torch.addmm((b_ih + b_hh).to(dtype), x, w_ih_c.t()).view(steps, batch, 4 * size)
-            gates = projected.new_empty(steps, batch, 4 * size, dtype=torch.float32)  # activated i, f, g, o
-            cells = projected.new_empty(steps + 1, batch, size, dtype=torch.float32)
+            gates = projected.new_empty(steps, batch, 4 * size)  # activated i, f, g, o
+            cells = projected.new_empty(steps + 1, batch, size)
             outputs = projected.new_empty(steps, batch, size)
             h, c = h0[0].to(dtype), c0[0].float()
             cells[0] = c
             cell_gate = slice(2 * size, 3 * size)
             for t in range(steps):
                 pre = torch.addmm(projected[t], h, w_hh_c.t()).float()
-                act = gates[t]
-                torch.sigmoid(pre, out=act)
+                act = pre.sigmoid()
                 act[:, cell_gate] = pre[:, cell_gate].tanh()
+                gates[t] = act
                 i, f, g, o = act.chunk(4, 1)
                 c_new = torch.addcmul(f * c, i, g)
                 h_new = o * c_new.tanh()
@@ -135,10 +136,10 @@ class _StepwiseLstm(torch.autograd.Function):
         steps, batch, size4 = gates.shape
         size = size4 // 4
         grad_outputs = grad_outputs.float().transpose(0, 1) if grad_outputs is not None else None
-        dh = grad_h[0].float() if grad_h is not None else gates.new_zeros(batch, size)
-        dc = grad_c[0].float() if grad_c is not None else gates.new_zeros(batch, size)
-        grad_gates = gates.new_empty(steps, batch, size4, dtype=w_hh_c.dtype)
-        d_act = gates.new_empty(batch, size4)
+        dh = grad_h[0].float() if grad_h is not None else x.new_zeros(batch, size, dtype=torch.float32)
+        dc = grad_c[0].float() if grad_c is not None else x.new_zeros(batch, size, dtype=torch.float32)
+        grad_gates = gates.new_empty(steps, batch, size4)
+        d_act = x.new_empty(batch, size4, dtype=torch.float32)
         cell_gate = slice(2 * size, 3 * size)
         for t in reversed(range(steps)):
             if mask is not None:  # a padded step passes the state's gradient through to the step before
@@ -147,12 +148,12 @@ class _StepwiseLstm(torch.autograd.Function):
                 dh = dh + grad_outputs[t]
             if mask is not None:
                 dh, dc = dh * keep, dc * keep
-            act = gates[t]
+            act, c_before = gates[t].float(), cells[t].float()
             i, f, g, o = act.chunk(4, 1)
-            tanh_c = cells[t + 1].tanh()  # at padding this is the carried cell, but there dh and dc are zero
+            tanh_c = cells[t + 1].float().tanh()  # at padding this is the carried cell, but there dh and dc are zero
             dc = dc + dh * o * (1 - tanh_c * tanh_c)
             di, df, dg, do = d_act.chunk(4, 1)
-            torch.mul(dc, g, out=di), torch.mul(dc, cells[t], out=df), torch.mul(dc, i, out=dg)
+            torch.mul(dc, g, out=di), torch.mul(dc, c_before, out=df), torch.mul(dc, i, out=dg)
             torch.mul(dh, tanh_c, out=do)
             derivative = act * (1 - act)
             derivative[:, cell_gate] = 1 - g * g
@@ -676,19 +677,23 @@ class AwdLstmForSequenceClassification(AwdLstmPreTrainedModel):
         if not bool(real.all()):
             order = torch.argsort((~real).to(torch.int8), dim=1, stable=True)
             input_ids = input_ids.gather(1, order)
+        if self.config.backwards:
+            # A backward model reads each document from its last token (as its language model was trained).
+            positions = torch.arange(input_ids.size(1), device=input_ids.device)[None, :]
+            mirrored = lengths[:, None] - 1 - positions
+            input_ids = input_ids.gather(1, torch.where(mirrored >= 0, mirrored, positions))
         longest = int(lengths.max())
         # First kept chunk start of each document: the first multiple of bptt at or after length - max_len.
         first_kept = ((lengths - max_len).clamp_min(0) + bptt - 1) // bptt * bptt
         earliest_kept = int(first_kept.min())
 
+        # Every row's real tokens come first, so the LSTMs read whole chunks (the fused kernels, no packing): an
+        # output depends only on the tokens before it, and what they compute after a document's end (its state
+        # included) is never pooled.
         cache, kept = None, []
         for start in range(0, longest, bptt):
-            end = min(start + bptt, longest)
-            chunk_mask = torch.arange(start, end, device=input_ids.device)[None, :] < lengths[:, None]
             with torch.set_grad_enabled(torch.is_grad_enabled() and start >= earliest_kept):
-                out = self.model(
-                    input_ids=input_ids[:, start:end], attention_mask=chunk_mask, cache=cache, use_cache=True
-                )
+                out = self.model(input_ids=input_ids[:, start : start + bptt], cache=cache, use_cache=True)
             cache = out.cache.detach()
             if start >= earliest_kept:
                 kept.append(out.last_hidden_state)

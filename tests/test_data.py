@@ -297,6 +297,13 @@ def test_corpus_is_a_memory_mapped_flat_array(corpus, wikitext_lines, tokenizer)
         assert corpus.document(index).tolist() == tokenizer(wikitext_lines[index])["input_ids"]
 
 
+def test_a_backward_language_model_reads_each_document_reversed(wikitext_lines, tokenizer):
+    dataset = datasets.Dataset.from_dict({"text": wikitext_lines[:5]})
+    forward, backward = tokenize_for_lm(dataset, tokenizer), tokenize_for_lm(dataset, tokenizer, backwards=True)
+    assert [ids[::-1] for ids in forward["input_ids"]] == backward["input_ids"]
+    assert backward["input_ids"][0][-1] == tokenizer.bos_token_id  # xxbos last, as fastai's backwards=True
+
+
 def test_large_vocabularies_use_uint32_and_arrays_are_reused(tmp_path, wikitext_lines, tokenizer):
     dataset = datasets.Dataset.from_dict({"text": wikitext_lines[:50]})
     tokenized = tokenize_for_lm(dataset, tokenizer)

@@ -268,6 +268,18 @@ def test_classifier_logits_do_not_depend_on_padding_or_batch_mates(side):
     torch.testing.assert_close(together, alone, atol=1e-5, rtol=0)
 
 
+def test_a_backward_classifier_reads_each_document_from_its_end():
+    torch.manual_seed(0)
+    forward = AwdLstmForSequenceClassification(tiny_config(num_labels=2, bptt=8, max_len=20)).eval()
+    backward = AwdLstmForSequenceClassification(tiny_config(num_labels=2, bptt=8, max_len=20, backwards=True)).eval()
+    backward.load_state_dict(forward.state_dict())
+    docs = [torch.randint(4, 80, (n,)) for n in (5, 13, 27, 41)]
+    expected = torch.cat([forward(doc.flip(0)[None]).logits for doc in docs])
+    for side in ("left", "right"):
+        ids, mask = pad_batch(docs, pad_id=1, side=side)
+        torch.testing.assert_close(backward(ids, attention_mask=mask).logits, expected, atol=1e-5, rtol=0)
+
+
 @pytest.mark.parametrize("side", ["left", "right"])
 def test_lm_outputs_and_state_do_not_depend_on_padding(side):
     torch.manual_seed(0)

@@ -93,6 +93,27 @@ def test_fastai_style_schedule_in_steps(tokenizer, reviews, tmp_path):
                                 {0, 1, 2, 3, 4}]
 
 
+class AdamSteps(TrainerCallback):
+    """Records, after each step, how many steps Adam's state of the head's last weight has seen."""
+
+    steps: list[int]
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.steps = []
+
+    def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
+        head_weight = layer_groups(model)[-1][-1]
+        self.steps.append(int(getattr(optimizer, "optimizer", optimizer).state[head_weight]["step"]))
+
+
+def test_each_unfreezing_forgets_the_optimizer_moments_as_fastai_does(tokenizer, reviews, tmp_path):
+    recorder = AdamSteps()
+    train(tokenizer, reviews, tmp_path, recorder, num_train_epochs=2, unfreeze_schedule="0:1,2:3,5:all",
+          unfreeze_unit="step")
+    # fastai's freeze_to / unfreeze clear the optimizer's state: Adam starts afresh at steps 2 and 5.
+    assert recorder.steps == [1, 2, 1, 2, 3, 1, 2, 3]
+
+
 def test_fine_tune_trains_the_head_alone_for_its_frozen_epoch(tokenizer, reviews, tmp_path):
     recorder = ChangedGroups()
     train(tokenizer, reviews, tmp_path, recorder, num_train_epochs=3, ulmfit_schedule="fine_tune")

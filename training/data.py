@@ -492,22 +492,27 @@ def tokenize_for_lm(
     tokenizer: PreTrainedTokenizerBase,
     text_column: str = "text",
     num_proc: int | None = None,
+    backwards: bool = False,
 ) -> datasets.Dataset:
-    """Tokenize every document (batched and cached by `datasets.map`) into `input_ids` (and their `length`)."""
+    """Tokenize every document (batched and cached by `datasets.map`) into `input_ids` (and their `length`).
+
+    `backwards` reverses each document's ids (its `xxbos` last), as fastai's `backwards=True` does for a language
+    model that reads text from the end; a backward classifier reverses its documents itself (`config.backwards`).
+    """
     _check_columns(dataset, [text_column])
     return dataset.map(
         _tokenize_batch,
         batched=True,
         input_columns=text_column,
         remove_columns=dataset.column_names,
-        fn_kwargs={"tokenizer": tokenizer, "max_length": None},
+        fn_kwargs={"tokenizer": tokenizer, "max_length": None, "backwards": backwards},
         num_proc=num_proc,
         desc="Tokenizing",
     )
 
 
 def _tokenize_batch(
-    texts: list[str], tokenizer: PreTrainedTokenizerBase, max_length: int | None
+    texts: list[str], tokenizer: PreTrainedTokenizerBase, max_length: int | None, backwards: bool = False
 ) -> dict[str, list]:
     encoded = tokenizer(
         texts,
@@ -516,7 +521,8 @@ def _tokenize_batch(
         return_attention_mask=False,
         return_token_type_ids=False,
     )
-    return {"input_ids": encoded["input_ids"], "length": [len(ids) for ids in encoded["input_ids"]]}
+    ids = [row[::-1] for row in encoded["input_ids"]] if backwards else encoded["input_ids"]
+    return {"input_ids": ids, "length": [len(row) for row in ids]}
 
 
 class TokenizedCorpus:

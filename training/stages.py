@@ -10,7 +10,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from modeling_awd_lstm import AwdLstmConfig, AwdLstmForCausalLM, AwdLstmForSequenceClassification
@@ -18,7 +17,6 @@ from modeling_awd_lstm import AwdLstmConfig, AwdLstmForCausalLM, AwdLstmForSeque
 from .data import (
     ClassificationCollator,
     DataSpec,
-    LanguageModelingStream,
     TokenizedCorpus,
     encode_labels,
     load_data,
@@ -219,11 +217,13 @@ def _language_model_trainer(recipe, spec, parent_path, tokenizer, train, evaluat
         model = AwdLstmForCausalLM.from_pretrained(parent_path, **AwdLstmConfig.dropouts("lm", _drop_mult(recipe, spec)))
         if len(tokenizer) != model.config.vocab_size or (spec.tokenizer and spec.tokenizer.rebuild):
             model = _transfer_vocabulary(model, parent_path, tokenizer)
-    column = spec.data.text_column
-    corpus = TokenizedCorpus.from_dataset(tokenize_for_lm(train, tokenizer, text_column=column), vocab_size=len(tokenizer))
+    column, backwards = spec.data.text_column, model.config.backwards
+    corpus = TokenizedCorpus.from_dataset(
+        tokenize_for_lm(train, tokenizer, text_column=column, backwards=backwards), vocab_size=len(tokenizer)
+    )
+    eval_column = (spec.eval_data or spec.data).text_column
     eval_corpus = TokenizedCorpus.from_dataset(
-        tokenize_for_lm(evaluation, tokenizer, text_column=(spec.eval_data or spec.data).text_column),
-        vocab_size=len(tokenizer),
+        tokenize_for_lm(evaluation, tokenizer, text_column=eval_column, backwards=backwards), vocab_size=len(tokenizer)
     ) if evaluation is not None else None
     trainer = ULMFiTTrainer(
         model=model, args=args, train_dataset=corpus, eval_dataset=eval_corpus, processing_class=tokenizer

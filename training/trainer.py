@@ -105,8 +105,9 @@ class ULMFiTTrainingArguments(TrainingArguments):
         default=1e5, metadata={"help": "One-cycle and fine_tune: final rate = peak / one_cycle_div_final."}
     )
     one_cycle_moms: list[float] = field(
-        default_factory=lambda: [0.95, 0.85, 0.95],
-        metadata={"help": "One-cycle and fine_tune: Adam's beta1 at the start, the peak and the end."},
+        default_factory=lambda: [0.8, 0.7, 0.8],
+        metadata={"help": "One-cycle and fine_tune: Adam's beta1 at the start, the peak and the end (fastai's text "
+                          "learners: 0.8, 0.7, 0.8)."},
     )
     fine_tune_freeze_epochs: int = field(
         default=1,

@@ -91,6 +91,8 @@ class GradualUnfreezingCallback(TrainerCallback):
             each epoch after. fastai's `fine_tune` is `[(0, 1), (freeze_epochs, None)]`.
         unit: whether `start` counts epochs or optimizer steps.
         train_bn: keep normalization layers trainable in frozen groups (fastai's `train_bn=True`).
+        clear_optimizer_state: forget the optimizer's moments each time more groups train, as fastai's `freeze_to`
+            and `unfreeze` do (the moments of the groups trained so far were gathered for a different problem).
     """
 
     def __init__(
@@ -98,12 +100,14 @@ class GradualUnfreezingCallback(TrainerCallback):
         schedule: Sequence[tuple[int, int | None]] | None = None,
         unit: str = "epoch",
         train_bn: bool = True,
+        clear_optimizer_state: bool = True,
     ):
         if unit not in ("epoch", "step"):
             raise ValueError(f"The unfreezing unit must be 'epoch' or 'step'; got {unit!r}.")
         self.schedule = None if schedule is None else check_unfreeze_schedule(schedule)
         self.unit = unit
         self.train_bn = train_bn
+        self.clear_optimizer_state = clear_optimizer_state
         self._num_trainable = _NOT_APPLIED
 
     def num_trainable(self, index: int) -> int | None:
@@ -138,14 +142,21 @@ class GradualUnfreezingCallback(TrainerCallback):
         if self.unit == "step":
             self._update(args, state, model, **kwargs)
 
-    def _update(self, args: TrainingArguments, state: TrainerState, model: nn.Module, train_dataloader=None, **kwargs):
+    def _update(
+        self, args: TrainingArguments, state: TrainerState, model: nn.Module, train_dataloader=None, optimizer=None,
+        **kwargs,
+    ):
         # Derived from the global step, like the Trainer's own position when it resumes a checkpoint.
-        if self.unit == "step":
-            index = state.global_step
-        else:
-            index = state.global_step // steps_per_epoch(args, train_dataloader)
+        per_unit = 1 if self.unit == "step" else steps_per_epoch(args, train_dataloader)
+        index = state.global_step // per_unit
         num_trainable = self.num_trainable(index)
         if num_trainable != self._num_trainable:
+            # A phase starts here (also when a resumed run starts exactly where one began): fastai forgets the
+            # optimizer's moments there.
+            previous = self.num_trainable((state.global_step - 1) // per_unit) if state.global_step else num_trainable
+            starts_phase = previous != num_trainable
+            if self.clear_optimizer_state and starts_phase and optimizer is not None:
+                getattr(optimizer, "optimizer", optimizer).state.clear()
             set_trainable_groups(model, num_trainable, self.train_bn)
             num_groups = len(layer_groups(model))
             shown = num_groups if num_trainable is None else min(num_trainable, num_groups)

@@ -1,0 +1,225 @@
+"""Smoke tests of `python -m experiments.run`: every command end to end in `--quick` mode, on a copy of the bundled
+real data laid out as the shared data folder, from a tiny stage-1 model (random weights, a real vocabulary). The
+numbers mean nothing; the tests check that each command runs, writes what it should and skips what is done. One unit
+test checks that the fastai side of stage 3 follows our trainer's schedule, group by group."""
+
+import gzip
+import json
+import os
+import shutil
+import warnings
+from types import SimpleNamespace
+
+import pytest
+import torch
+from conftest import DEMO_DATA
+from torch import nn
+
+from experiments.run import ABLATIONS, main
+from modeling_awd_lstm import AwdLstmConfig, AwdLstmForCausalLM
+from training.tokenizer_training import train_fastai_tokenizer
+
+
+def _lines(name: str, limit: int) -> list[str]:
+    with gzip.open(DEMO_DATA / name, "rt", encoding="utf-8") as f:
+        lines = [line.strip() for line in f if line.strip()]
+    return lines[:limit]
+
+
+def _write_jsonl(path, texts: list[str]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with gzip.open(path, "wt", encoding="utf-8") as f:
+        for text in texts:
+            f.write(json.dumps({"text": text}) + "\n")
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    """The shared data layout (trec/, imdb/) from the bundled subsets, a general corpus and a tiny stage 1."""
+    root = tmp_path_factory.mktemp("experiments")
+    data = root / "data"
+    (data / "trec").mkdir(parents=True)
+    (data / "imdb").mkdir()
+    for name in ("train_5500.label", "TREC_10.label"):
+        (data / "trec" / name).write_bytes(gzip.decompress((DEMO_DATA / f"trec_{name}.gz").read_bytes()))
+    for split in ("train", "test", "unsup"):
+        shutil.copy(DEMO_DATA / f"imdb_{split}.jsonl.gz", data / "imdb" / f"{split}.jsonl.gz")
+    general = root / "general"
+    train_lines = _lines("wikitext2_valid.txt.gz", 300)
+    _write_jsonl(general / "train.jsonl.gz", train_lines)
+    _write_jsonl(general / "valid.jsonl.gz", _lines("wikitext2_test.txt.gz", 60))
+
+    stage1 = root / "work" / "general_lm" / "pretrain"
+    tokenizer = train_fastai_tokenizer(train_lines, max_vocab=2000, min_freq=2, show_progress=False)
+    config = AwdLstmConfig(
+        vocab_size=len(tokenizer), emb_size=16, hidden_size=32, num_layers=3, bptt=20, max_len=60,
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+    )
+    torch.manual_seed(0)
+    AwdLstmForCausalLM(config).save_pretrained(stage1)
+    tokenizer.save_pretrained(stage1)
+    return SimpleNamespace(root=root, data=data, general=general, stage1=stage1, work=root / "work",
+                           results=root / "results")
+
+
+def run(env, command: str, *options: str) -> None:
+    assert main([
+        command, "--quick", "--threads", "1", "--data-dir", str(env.data), "--work-dir", str(env.work),
+        "--results-dir", str(env.results), "--stage1", str(env.stage1), *options,
+    ]) == 0
+
+
+@pytest.fixture(scope="module")
+def compared(env):
+    run(env, "compare", "--task", "trec6", "--seeds", "0,1", "--precision", "bf16")
+    run(env, "compare", "--task", "imdb", "--seeds", "0", "--precision", "fp32")  # reviews cut to their last tokens
+    return env
+
+
+@pytest.fixture(scope="module")
+def lowshot(compared):
+    run(compared, "lowshot", "--seeds", "0", "--precision", "fp32")
+    return compared
+
+
+@pytest.fixture(scope="module")
+def ablations(compared):
+    run(compared, "ablations", "--task", "trec6", "--seeds", "0", "--precision", "bf16", "--pretrain-backward",
+        "--general-corpus", str(compared.general))
+    return compared
+
+
+def _result(env, experiment: str, name: str, seed: int) -> dict:
+    return json.loads((env.results / experiment / f"{name}_seed{seed}.json").read_text())
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Commands
+# ----------------------------------------------------------------------------------------------------------------------
+def test_compare_runs_both_implementations_from_one_stage2_per_side(compared):
+    records = {(impl, seed): _result(compared, "compare_trec6", impl, seed)
+               for impl in ("ours", "fastai") for seed in (0, 1)}
+    for (impl, seed), record in records.items():
+        assert record["impl"] == impl and record["seed"] == seed and record["task"] == "trec6"
+        assert 0 <= record["test_accuracy"] <= 1 and record["n_test"] == 60
+        stage2, stage3 = record["stage2"], record["stage3"]
+        assert stage2["shared_across_seeds"] and stage2["seed"] == 0
+        for key in ("valid_perplexity", "valid_perplexity_own", "seconds", "train_seconds", "tokens_per_second"):
+            assert stage2[key] > 0, (impl, key)
+        for key in ("seconds", "train_seconds", "tokens_per_second"):
+            assert stage3[key] > 0, (impl, key)
+        assert len(stage3["test_probabilities"]) == 60 and stage3["curve"]
+        assert record["settings"]["precision"] == "bf16" and record["command"].startswith("python -m experiments.run")
+        assert record["hardware"]["versions"]["torch"]
+    # Each side's stage 2 ran once, for every seed; both sides read the same vocabulary and take the same steps.
+    for impl in ("ours", "fastai"):
+        assert records[impl, 0]["stage2"] == records[impl, 1]["stage2"]
+    assert records["ours", 0]["stage2"]["vocab_size"] == records["fastai", 0]["stage2"]["vocab_size"]
+    assert records["ours", 0]["stage3"]["steps"] == records["fastai", 0]["stage3"]["steps"]
+    assert records["ours", 0]["stage3"]["test_labels"] == records["fastai", 0]["stage3"]["test_labels"]
+
+    imdb = {impl: _result(compared, "compare_imdb", impl, 0) for impl in ("ours", "fastai")}
+    assert imdb["ours"]["settings"]["max_tokens"] == 120 and imdb["ours"]["n_test"] == 40
+    assert imdb["ours"]["stage2"]["vocab_size"] == imdb["fastai"]["stage2"]["vocab_size"]
+    assert imdb["ours"]["stage3"]["steps"] == imdb["fastai"]["stage3"]["steps"] == 2 * (40 // 8)
+
+    files = sorted(compared.results.glob("compare_trec6/*.json"))
+    stamps = [path.stat().st_mtime_ns for path in files]
+    run(compared, "compare", "--task", "trec6", "--seeds", "0,1", "--precision", "bf16")  # resumable: all done
+    assert [path.stat().st_mtime_ns for path in files] == stamps
+
+
+def test_lowshot_runs_ulmfit_scratch_and_tfidf(lowshot):
+    for n in (10, 20):
+        for method in ("ulmfit", "scratch", "tfidf"):
+            record = _result(lowshot, "lowshot", f"{method}_n{n}", 0)
+            assert record["labels"] == n and record["method"] == method and record["n_test"] == 40
+            assert 0 <= record["test_accuracy"] <= 1
+        assert _result(lowshot, "lowshot", f"scratch_n{n}", 0)["stage3"]["random_init"]
+        assert _result(lowshot, "lowshot", f"tfidf_n{n}", 0)["baseline"]["cv_folds"] == 5
+    ulmfit = _result(lowshot, "lowshot", "ulmfit_n20", 0)
+    assert not ulmfit["stage3"]["random_init"]
+    assert ulmfit["stage2"] == _result(lowshot, "compare_imdb", "ours", 0)["stage2"]  # the LM of `compare`, reused
+    assert ulmfit["stage3"]["training"]["discriminative_lr_factor"] == 2.6
+
+
+def test_ablations_run_every_variant_with_a_backward_stage1(ablations):
+    records = {variant: _result(ablations, "ablations_trec6", variant, 0) for variant in ABLATIONS}
+    assert records["full"]["reused_from"].endswith("compare_trec6/ours_seed0.json")
+    assert records["backward"]["stage3"]["backwards"] and records["backward"]["stage2"]["backwards"]
+    assert not records["no_pretraining"]["stage3"]["backwards"]
+    assert records["no_pretraining"]["stage2"]["schedule"].startswith("one_cycle")
+    assert "stage2" not in records["no_lm_finetuning"]
+    assert records["no_discriminative"]["stage3"]["training"]["discriminative_lr_factor"] == 1.0
+    assert records["last_layer"]["stage3"]["training"]["unfreeze_schedule"] == "0:1"
+    assert records["cosine_lr"]["stage3"]["training"]["ulmfit_schedule"] == "cosine"
+    assert set(records["ensemble"]["parts"]) == {"full", "backward"}
+    assert (ablations.work / "general_lm_backward" / "pretrain" / "config.json").is_file()
+
+
+def test_report_writes_results_md_and_plots(compared, lowshot, ablations, tmp_path):
+    output = tmp_path / "RESULTS.md"
+    assert main(["report", "--results-dir", str(compared.results), "--output", str(output)]) == 0
+    text = output.read_text()
+    for heading in ("## The same recipe in both implementations", "### TREC-6", "### IMDb",
+                    "## Low-shot learning (IMDb)", "## Ablations (ours)", "## What explains the differences",
+                    "## Every run", "## Hardware and software", "## Commands"):
+        assert heading in text, heading
+    assert "3.6% test error" in text and "4.6% test error" in text and "--quick" in text
+    assert "| fastai | " in text and "| ours | " in text and "| backward | " in text
+    assert "python -m experiments.run ablations --quick" in text
+    for plot in ("lowshot.png", "compare_trec6_curves.png", "compare_imdb_curves.png"):
+        assert (compared.results / plot).stat().st_size > 10_000
+        assert f"]({os.path.relpath(compared.results / plot, output.parent)})" in text  # linked from RESULTS.md
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The fastai side's stage-3 schedule
+# ----------------------------------------------------------------------------------------------------------------------
+def test_fastai_stage3_schedule_is_our_trainers_group_by_group():
+    """Discriminative rates x STLR per layer group, and which groups train, at every step of a 3-epoch run."""
+    warnings.filterwarnings("ignore")
+    from fastai.basics import Adam, Callback, Learner, MSELossFlat, params
+    from fastai.test_utils import synth_dbunch
+
+    from experiments.fastai_side import GradualUnfreezing, stlr_scheduler
+    from training.schedules import get_stlr_schedule
+    from training.unfreezing import GradualUnfreezingCallback
+
+    num_groups, epochs, batches, lr = 4, 3, 7, 1e-2
+    total = epochs * batches
+
+    class Recorder(Callback):
+        order = 100
+        lrs, trainable = [], []
+
+        def after_batch(self):
+            if self.training:
+                self.lrs.append([h["lr"] for h in self.opt.hypers])
+                self.trainable.append([pg[0].requires_grad for pg in self.opt.param_lists])
+
+    model = nn.Sequential(*[nn.Linear(1, 1) for _ in range(num_groups)])
+    learner = Learner(synth_dbunch(n_train=batches), model, loss_func=MSELossFlat(), opt_func=Adam,
+                      splitter=lambda m: [params(layer) for layer in m])
+    with learner.no_logging(), learner.no_bar():
+        schedule = stlr_scheduler(num_groups, lr, 2.6, total, 0.1, 32)
+        learner.fit(epochs, lr, cbs=[GradualUnfreezing(), schedule, Recorder()])
+
+    # Ours: the optimizer's rates per layer group as the trainer's STLR schedule sets them, and the groups that
+    # GradualUnfreezingCallback trains in each epoch.
+    groups = [{"params": [nn.Parameter(torch.zeros(1))], "lr": lr / 2.6 ** (num_groups - 1 - i), "layer_group": i}
+              for i in range(num_groups)]
+    optimizer = torch.optim.AdamW(groups, betas=(0.7, 0.99))
+    scheduler = get_stlr_schedule(optimizer, total, 0.1, 32)
+    ours_lrs = []
+    for _ in range(total):
+        ours_lrs.append([group["lr"] for group in optimizer.param_groups])
+        optimizer.step()
+        scheduler.step()
+    torch.testing.assert_close(torch.tensor(Recorder.lrs).double(), torch.tensor(ours_lrs).double(), rtol=1e-6, atol=0)
+    assert max(step[-1] for step in ours_lrs) == pytest.approx(lr)
+
+    unfreezing = GradualUnfreezingCallback()
+    for step, trainable in enumerate(Recorder.trainable):
+        top = min(unfreezing.num_trainable(step // batches), num_groups)
+        assert trainable == [i >= num_groups - top for i in range(num_groups)], step
