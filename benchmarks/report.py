@@ -443,7 +443,9 @@ def plot(summary: dict, path: Path) -> None:
 def write_reports(summary: dict, out_dir: Path, suffix: str = "") -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     md_path, json_path, png_path = (out_dir / f"results{suffix}.{ext}" for ext in ("md", "json", "png"))
-    md_path.write_text(markdown(summary))
+    # The measured gaps and their causes are written by hand beside the tables (`analysis.md` in the same folder).
+    analysis = out_dir / "analysis.md"
+    md_path.write_text(markdown(summary) + (f"\n{analysis.read_text()}" if analysis.is_file() and not suffix else ""))
     json_path.write_text(json.dumps(summary, indent=1, default=str))
     plot(summary, png_path)
     return [md_path, json_path, png_path]

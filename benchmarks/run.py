@@ -129,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=None, help="ABBA rounds per setting")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     parser.add_argument("--only", default=",".join(TASK_GROUPS), help=f"comma-separated subset of {TASK_GROUPS}")
+    parser.add_argument("--reuse", type=Path, default=None,
+                        help="a previous results.json: its measurements of the benchmarks not in --only join the report")
     args = parser.parse_args(argv)
 
     only = tuple(name.strip() for name in args.only.split(",") if name.strip())
@@ -144,6 +146,11 @@ def main(argv: list[str] | None = None) -> int:
     log(f"data: {files.lm_train.parent if files.lm_train.parent == files.imdb_train.parent else files.lm_train.parent.parent}")
     prepared = prepare(settings, files, args.cache_dir or default_cache_dir(), log=log)
     records = execute(settings, prepared, only)
+    if args.reuse is not None:
+        rerun = {_TASK_OF_GROUP[group] for group in only}
+        kept = [r for r in json.loads(args.reuse.read_text())["records"] if r["run"]["task"] not in rerun]
+        records = kept + records
+        log(f"reused {len(kept)} measurements of {args.reuse}")
     summary = summarize(records, settings, prepared, started=started, finished=time.time())
     paths = write_reports(summary, args.out, suffix="_quick" if settings.quick else "")
     log("wrote " + ", ".join(str(p) for p in paths))
