@@ -32,8 +32,8 @@ and `max_len`, and the same precision.
   decoupled weight decay 0.01; fastai through one `learn.fit` with a `ParamScheduler` and an unfreezing callback.
 - Made equal on the fastai side: no weight decay on the LSTM biases (fastai's `wd_bn_bias=False` decays them), no
   AR/TAR on the classifier (fastai adds it to classifiers too; ours has none; `--fastai-classifier-ar-tar` keeps it),
-  Adam's state kept across gradual unfreezing (`Learner.freeze_to` would clear it). Ours clips no gradient (fastai
-  clips none) and drops the last partial training batch (as fastai does).
+  and Adam's state cleared at each unfreezing on both sides (fastai's `Learner.freeze_to`, our trainer's gradual
+  unfreezing). Ours clips no gradient (fastai clips none) and drops the last partial training batch (as fastai does).
 - Not equal: random streams (dropout masks, document shuffling, batch order) differ between the two; fastai's
   classifier counts padding towards `max_len` in padded batches (ours pools over each document alone), which only
   matters for documents longer than `max_len`; fastai's own validation loss weighs batches by rows, ours by tokens,
@@ -246,12 +246,10 @@ def write_report(results_dir: Path, output: Path, plots_dir: Path) -> Path:
                   "run (the backward and ensemble rows need a backward stage 1) say so.", ""]
         for task in ablations:
             lines += _ablations_section(task, by_experiment[f"ablations_{task}"])
-    lines += [
-        "## What explains the differences", "",
-        "_To be written once the full runs are done: the gap between the two implementations against the spread over "
-        "seeds, and the gap to the paper's full-scale errors (IMDb 4.6%, TREC-6 3.6%), which come from a stage 1 on "
-        "WikiText-103 (103M words, here about 1.8M) with a 400/1152 AWD-LSTM (here 128/512) and every label._", "",
-    ]
+    # The reading of the figures is written by hand beside the results (`findings.md`), as the runs come in.
+    findings = results_dir / "findings.md"
+    lines += ["## What explains the differences", "", findings.read_text(encoding="utf-8").strip() if findings.is_file()
+              else "_Not written yet: see `experiments/results/findings.md`._", ""]
     lines += _runs_section(records) + _hardware_section(records) + _commands_section(records)
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text("\n".join(lines), encoding="utf-8")
