@@ -59,10 +59,8 @@ class GradualUnfreezing(Callback):
 
     def before_epoch(self):
         groups = len(self.opt.param_lists)
-        target = min(self.epoch + 1, groups)
-        if target != getattr(self, "trainable", None):
-            self.learn.freeze_to(-target)
-            self.trainable = target
+        if self.epoch < groups:  # once every group trains, nothing changes (and nothing clears)
+            self.learn.freeze_to(-(self.epoch + 1))
 
 
 def stlr_scheduler(num_groups: int, lr: float, factor: float, total_steps: int, cut_frac: float, ratio: float

@@ -237,10 +237,11 @@ class AwdLstmLayer(nn.Module):
         weights = {}
         if self.training and self.weight_p > 0:
             weights["weight_hh_l0"] = F.dropout(self.lstm.weight_hh_l0, p=self.weight_p, training=True)
+        weight_hh = weights.get("weight_hh_l0", self.lstm.weight_hh_l0)
         if torch.is_grad_enabled() and _cpu_bf16_autocast(hidden):
-            return self._forward_bf16(hidden, state, lengths, weights.get("weight_hh_l0", self.lstm.weight_hh_l0))
+            return self._forward_bf16(hidden, state, lengths, weight_hh)
         if lengths is None and hidden.size(1) == 1 and state is not None:
-            return self._step(hidden, state, weights.get("weight_hh_l0", self.lstm.weight_hh_l0))
+            return self._step(hidden, state, weight_hh)
         if lengths is None:
             return self._run_lstm(weights, hidden, state)
         return self._forward_packed(hidden, state, lengths, weights)

@@ -46,7 +46,8 @@ RECURRENT_STATE_NAME = "recurrent_state"
 
 
 def _has_accelerator() -> bool:
-    return torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available()) or torch.backends.mps.is_available()
+    xpu = hasattr(torch, "xpu") and torch.xpu.is_available()
+    return torch.cuda.is_available() or xpu or torch.backends.mps.is_available()
 
 
 @dataclass
