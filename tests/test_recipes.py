@@ -1,6 +1,7 @@
 """Recipes: the shipped ones validate; every kind of mistake fails at once, naming the key or the file."""
 
 import dataclasses
+import glob
 from pathlib import Path
 
 import pytest
@@ -24,7 +25,10 @@ def test_shipped_recipes_validate(name):
 def test_demo_recipe_reads_bundled_files():
     recipe = load_recipe("demo")
     for stage in recipe.stages.values():
-        assert Path(stage.data.path).is_file(), stage.data.path
+        assert glob.glob(stage.data.path), stage.data.path
+    # A glob: stage 2 reads the unlabelled and the training reviews, never the test reviews.
+    domain_text = sorted(Path(p).name for p in glob.glob(recipe.stages["finetune_lm"].data.path))
+    assert domain_text == ["imdb_train.jsonl.gz", "imdb_unsup.jsonl.gz"]
 
 
 def test_paper_recipes_point_at_the_hub_datasets():
@@ -62,6 +66,7 @@ def write_recipe(tmp_path, mutate) -> Path:
         (lambda v: v["model"].update(num_layers="three"), "`model.num_layers` must be int"),
         (lambda v: v["stages"]["pretrain"].update(eval_fraction=1.5), "eval_fraction"),
         (lambda v: v["stages"]["pretrain"]["data"].update(path="no/such/file.txt"), "no/such/file.txt"),
+        (lambda v: v["stages"]["pretrain"]["data"].update(path="bundled:nothing_*.txt.gz"), "no data file matches 'bundled:nothing_"),
         (lambda v: v["stages"]["pretrain"]["data"].update(columns="text"), "columns"),
         (lambda v: v["stages"].pop("finetune_lm"), "names stage 'finetune_lm', which this recipe does not define"),
         (lambda v: v["stages"].update(evaluate={"data": {"path": "x"}}), "Unknown stage `stages.evaluate`"),

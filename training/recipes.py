@@ -6,6 +6,7 @@ Any value can be overridden with a dotted path (`stages.classifier.training.num_
 """
 
 import dataclasses
+import glob
 import json
 import os
 import types
@@ -256,9 +257,16 @@ def _check_local_source(spec: DataSpec, where: str, recipe_dir: Path) -> None:
     """Local paths must exist (relative paths are read from the recipe's folder or the package's bundled data)."""
     resolved = resolve_data_path(spec.path, recipe_dir)
     looks_local = spec.path.startswith((".", "/", "~")) or spec.format is not None or "." in Path(spec.path).name
-    if looks_local and not Path(resolved).exists():
+    if looks_local and not _exists(resolved):
+        if any(char in spec.path for char in "*?["):
+            raise RecipeError(f"`{where}`: no data file matches {spec.path!r} (looked for {resolved}).")
         raise RecipeError(f"`{where}`: data file {spec.path!r} does not exist (looked for {resolved}).")
-    spec.path = resolved if Path(resolved).exists() else spec.path
+    spec.path = resolved if _exists(resolved) else spec.path
+
+
+def _exists(path: str | Path) -> bool:
+    """A file or folder, or a glob that matches at least one."""
+    return Path(path).exists() or bool(glob.glob(str(path)))
 
 
 def resolve_data_path(path: str, recipe_dir: Path) -> str:
@@ -266,7 +274,7 @@ def resolve_data_path(path: str, recipe_dir: Path) -> str:
     if path.startswith("bundled:"):
         return str(Path(str(resources.files("training.demo_data"))) / path[len("bundled:"):])
     expanded = Path(os.path.expanduser(path))
-    if not expanded.is_absolute() and (recipe_dir / expanded).exists():
+    if not expanded.is_absolute() and _exists(recipe_dir / expanded):
         return str(recipe_dir / expanded)
     return str(expanded)
 
