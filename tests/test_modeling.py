@@ -268,6 +268,34 @@ def test_classifier_logits_do_not_depend_on_padding_or_batch_mates(side):
     torch.testing.assert_close(together, alone, atol=1e-5, rtol=0)
 
 
+def test_classifier_chunks_run_only_the_documents_still_running():
+    # fastai's `real_bs`: a document that has ended costs nothing in the chunks after its end.
+    torch.manual_seed(0)
+    model = AwdLstmForSequenceClassification(tiny_config(num_labels=2, bptt=8, max_len=20)).eval()
+    docs = [torch.randint(4, 80, (n,)) for n in (5, 13, 27, 41)]
+    calls = []
+    model.model.register_forward_hook(
+        lambda module, args, kwargs, out: calls.append((kwargs["input_ids"].size(0), torch.is_grad_enabled())),
+        with_kwargs=True,
+    )
+    with torch.inference_mode():
+        model(*pad_batch(docs, pad_id=1, side="right"))
+    assert [rows for rows, _ in calls] == [4, 3, 2, 2, 1, 1]  # chunks starting at 0, 8, ..., 40
+
+    # With gradients, a document's chunks before its pooled window (the last max_len tokens) build no graph: the
+    # 41-token document pools from token 24, the 27-token one from token 8.
+    calls.clear()
+    ids, mask = pad_batch(docs, pad_id=1, side="right")
+    model(ids, attention_mask=mask).logits.sum().backward()
+    assert calls == [(2, False), (2, True), (1, False), (2, True), (1, False), (1, True), (2, True), (1, True), (1, True)]
+    batched = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    for doc in docs:
+        model(doc[None]).logits.sum().backward()
+    for got, alone in zip(batched, (p.grad for p in model.parameters())):
+        torch.testing.assert_close(got, alone, atol=1e-5, rtol=1e-4)
+
+
 def test_a_backward_classifier_reads_each_document_from_its_end():
     torch.manual_seed(0)
     forward = AwdLstmForSequenceClassification(tiny_config(num_labels=2, bptt=8, max_len=20)).eval()
