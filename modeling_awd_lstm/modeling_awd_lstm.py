@@ -667,8 +667,8 @@ class AwdLstmForSequenceClassification(AwdLstmPreTrainedModel):
         Chunks start at multiples of `bptt` from each document's own first token, and a chunk is kept when it starts
         at most `max_len` tokens before the document's end: fastai's rule on an unpadded document, applied to each
         document alone so that padding and batch-mates never change a result. The state is detached between chunks
-        (truncated backpropagation, as fastai). A chunk runs only the documents that have not ended (fastai's
-        `real_bs`), and builds a graph only for those whose kept window it reaches.
+        (truncated backpropagation, as fastai), chunks no document keeps run without building a graph, and a chunk
+        runs only the documents that have not ended (fastai's `real_bs`).
         """
         bptt, max_len = self.config.bptt, self.config.max_len
         real = attention_mask.bool() if attention_mask is not None else torch.ones_like(input_ids, dtype=torch.bool)
@@ -696,28 +696,16 @@ class AwdLstmForSequenceClassification(AwdLstmPreTrainedModel):
         # Every row's real tokens come first, so the LSTMs read whole chunks (the fused kernels, no packing): an
         # output depends only on the tokens before it, and what they compute after a document's end is never pooled.
         cache, kept = None, []
-        running, window_starts = lengths.tolist(), first_kept.tolist()
+        running = lengths.tolist()
         for start in range(0, longest, bptt):
             rows = sum(length > start for length in running)
             if cache is not None and rows < cache.states[0][0].size(1):
                 cache = AwdLstmCache([(h[:, :rows], c[:, :rows]) for h, c in cache.states], cache.seen_tokens)
-            # The longest documents may not have reached their pooled window yet: they run without a graph, so the
-            # graphs kept span each document's own window (max_len), not the union of the batch's windows.
-            before_window = sum(first > start for first in window_starts[:rows]) if torch.is_grad_enabled() else 0
-            outputs, states = [], []
-            for part, grad in ((slice(0, before_window), False), (slice(before_window, rows), torch.is_grad_enabled())):
-                if part.start == part.stop:
-                    continue
-                part_cache = None if cache is None else AwdLstmCache(
-                    [(h[:, part], c[:, part]) for h, c in cache.states], cache.seen_tokens)
-                with torch.set_grad_enabled(grad):
-                    out = self.model(input_ids=input_ids[part, start : start + bptt], cache=part_cache, use_cache=True)
-                outputs.append(out.last_hidden_state)
-                states.append(out.cache.detach().states)
-            cache = AwdLstmCache([tuple(torch.cat(parts, dim=1) for parts in zip(*layer)) for layer in zip(*states)],
-                                 start + input_ids[:, start : start + bptt].size(1))
+            with torch.set_grad_enabled(torch.is_grad_enabled() and start >= earliest_kept):
+                out = self.model(input_ids=input_ids[:rows, start : start + bptt], cache=cache, use_cache=True)
+            cache = out.cache.detach()
             if start >= earliest_kept:
-                kept.append(F.pad(torch.cat(outputs), (0, 0, 0, 0, 0, input_ids.size(0) - rows)))
+                kept.append(F.pad(out.last_hidden_state, (0, 0, 0, 0, 0, input_ids.size(0) - rows)))
         restore = torch.argsort(by_length)
         hidden = torch.cat(kept, dim=1)[restore]
         lengths, first_kept = lengths[restore], first_kept[restore]

@@ -208,7 +208,7 @@ def command_generate(args: argparse.Namespace) -> int:
     import torch
     from transformers import pipeline
 
-    import modeling_awd_lstm  # noqa: F401
+    import modeling_awd_lstm  # noqa: F401  (registers the Auto classes)
 
     torch.manual_seed(args.seed)
     generator = pipeline("text-generation", model=args.model, trust_remote_code=True)
