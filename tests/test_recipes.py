@@ -8,6 +8,7 @@ import pytest
 import yaml
 
 from training.recipes import RecipeError, available_recipes, load_recipe
+from training.stages import _provenance
 from training.trainer import ULMFiTTrainingArguments
 
 TRAINING_FIELDS = {f.name for f in dataclasses.fields(ULMFiTTrainingArguments)}
@@ -29,6 +30,10 @@ def test_demo_recipe_reads_bundled_files():
     # A glob: stage 2 reads the unlabelled and the training reviews, never the test reviews.
     domain_text = sorted(Path(p).name for p in glob.glob(recipe.stages["finetune_lm"].data.path))
     assert domain_text == ["imdb_train.jsonl.gz", "imdb_unsup.jsonl.gz"]
+    # The model card names the files the glob read, and does not take the local pattern for a Hub dataset.
+    training_data = _provenance(recipe.stages["finetune_lm"])[0]
+    assert training_data["description"] == "`imdb_train.jsonl.gz`, `imdb_unsup.jsonl.gz`"
+    assert "hub" not in training_data
 
 
 def test_paper_recipes_point_at_the_hub_datasets():

@@ -5,6 +5,7 @@ self-contained folder (model, tokenizer, record, curves, card) and returns a sho
 """
 
 import dataclasses
+import glob
 import math
 import time
 from dataclasses import dataclass, field
@@ -331,8 +332,11 @@ def _provenance(spec: StageSpec) -> list[dict[str, str]]:
     for role, data in (("training data", spec.data), ("evaluation data", spec.eval_data), ("test data", spec.test_data)):
         if data is None:
             continue
-        local = Path(data.path).exists()
-        entry = {"role": role, "description": f"`{Path(data.path).name if local else data.path}`"}
+        # A local file, folder or glob; a Hub dataset id matches nothing.
+        files = [data.path] if Path(data.path).exists() else sorted(glob.glob(data.path))
+        local = bool(files)
+        names = ", ".join(f"`{Path(name).name}`" for name in files) if local else f"`{data.path}`"
+        entry = {"role": role, "description": names}
         if not local:
             entry["hub"] = data.path
         if "demo_data" in data.path:
