@@ -265,7 +265,7 @@ def targets(summary: dict, settings: Settings) -> list[dict]:
         where = dict(vocab=settings.quality_vocab, batch_size=settings.quality_batch_size) if task == "lm_train" else {}
         base = _find(rows, task, metric, "fp32", **where)
         best, precision = _best_ours(rows, task, metric, **where)
-        if not (base and best):
+        if not (base and base["fastai"] and best):
             continue
         speedup = best / base["fastai"]
         goal = f">= {minimum:g}x fastai fp32"
@@ -335,6 +335,9 @@ def markdown(summary: dict) -> str:
         + (" **Quick mode: tiny sizes, a smoke test, not a measurement.**" if s["quick"] else ""),
         "",
     ]
+    if "bf16" not in s["precisions"]:
+        lines += ["bf16 was not measured: this CPU has no bf16 kernels (AVX-512 BF16 or AMX), so oneDNN has no bf16"
+                  " LSTM and bf16 matrix products run hundreds of times slower than fp32.", ""]
     if summary["targets"]:
         lines += ["## Targets", "", "| target | goal | measured | met |", "|---|---|---|---|"]
         lines += [f"| {t['target']} | {t['goal']} | {t['measured']} | {'yes' if t['met'] else '**no**'} |"

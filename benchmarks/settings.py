@@ -2,6 +2,8 @@
 
 from dataclasses import asdict, dataclass, field
 
+from modeling_awd_lstm import cpu_has_bf16_kernels
+
 
 @dataclass(frozen=True)
 class ModelSize:
@@ -25,7 +27,9 @@ class Settings:
     # 1. LM training: every combination of vocabulary, batch size and precision.
     lm_vocab_sizes: tuple[int, ...] = (30000, 60000)
     lm_batch_sizes: tuple[int, ...] = (32, 64)
-    precisions: tuple[str, ...] = ("fp32", "bf16")
+    # bf16 only where the CPU has bf16 kernels: elsewhere oneDNN has no bf16 LSTM (fastai's side fails) and bf16
+    # matrix products run hundreds of times slower than fp32.
+    precisions: tuple[str, ...] = field(default_factory=lambda: ("fp32", "bf16") if cpu_has_bf16_kernels() else ("fp32",))
     bptt: int = 70
     lm_warmup_batches: int = 1
     lm_timed_batches: int = 3

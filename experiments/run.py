@@ -82,7 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--seeds", type=_seeds, default=[0, 1, 2], help="classifier seeds (default 0,1,2)")
     run.add_argument("--quick", action="store_true", help="tiny sizes, a smoke test (its numbers mean nothing)")
     run.add_argument("--precision", choices=("fp32", "bf16"), default=None,
-                     help="both implementations (default bf16: CPU autocast on both sides)")
+                     help="both implementations (default: bf16 CPU autocast on both sides where the CPU has bf16 "
+                          "kernels, AVX-512 BF16 or AMX; fp32 elsewhere)")
     run.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's own choice)")
     recipe = common.add_argument_group("data and recipe (defaults per task and --quick: experiments/settings.py)")
     for name, kind, text in (

@@ -9,7 +9,9 @@ and `max_len` come from the stage-1 model.
 import dataclasses
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from modeling_awd_lstm import cpu_has_bf16_kernels
 
 TASKS = ("trec6", "imdb")
 # fastai's `TextLearner` cycles Adam's beta1 through these in `fit_one_cycle` (and so in `fine_tune`), not through
@@ -48,7 +50,8 @@ class TaskSettings:
     discriminative_factor: float = 2.6
     stlr_cut_frac: float = 0.1
     stlr_ratio: float = 32.0
-    precision: str = "bf16"
+    # bf16 CPU autocast on both sides where the CPU has bf16 kernels (AVX-512 BF16 or AMX); fp32 elsewhere.
+    precision: str = field(default_factory=lambda: "bf16" if cpu_has_bf16_kernels() else "fp32")
 
     @property
     def lm_total_epochs(self) -> int:
@@ -82,6 +85,11 @@ def task_settings(task: str, quick: bool, **overrides) -> TaskSettings:
     """The settings of `task`, with the command line's values (None: keep the default) put in."""
     if task not in TASKS:
         raise ValueError(f"Unknown task {task!r}; choose one of {', '.join(TASKS)}.")
+    if overrides.get("precision") == "bf16" and not cpu_has_bf16_kernels():
+        raise ValueError(
+            "--precision bf16 needs a CPU with bf16 kernels (AVX-512 BF16 or AMX), and this one has none: oneDNN has "
+            "no bf16 LSTM here, so fastai's side cannot run. Use --precision fp32."
+        )
     base = (QUICK if quick else FULL)[task]
     return dataclasses.replace(base, **{name: value for name, value in overrides.items() if value is not None})
 

@@ -15,6 +15,7 @@ from .modeling_awd_lstm import (
     AwdLstmForSequenceClassification,
     AwdLstmModel,
     AwdLstmPreTrainedModel,
+    cpu_has_bf16_kernels,
 )
 from .tokenization_awd_lstm import AwdLstmTokenizer
 
@@ -39,4 +40,5 @@ __all__ = [
     "AwdLstmTokenizer",
     "CLASSIFIER_DROPOUTS",
     "LM_DROPOUTS",
+    "cpu_has_bf16_kernels",
 ]

@@ -5,6 +5,7 @@ same dropout semantics, same random draws in the same order), with the recurrent
 instead of living in the module, and with padding that never changes a result.
 """
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -86,6 +87,14 @@ def _cpu_bf16_autocast(tensor: torch.Tensor) -> bool:
         and torch.is_autocast_enabled("cpu")
         and torch.get_autocast_dtype("cpu") == torch.bfloat16
     )
+
+
+@functools.cache
+def cpu_has_bf16_kernels() -> bool:
+    """Whether this CPU runs bf16 matrix products and LSTMs in hardware (oneDNN on AVX-512 or AMX). Elsewhere (an
+    AVX2-only x86 CPU, say) oneDNN has no bf16 LSTM at all and bf16 products take a reference path hundreds of times
+    slower than fp32, so bf16 autocast there is never worth it."""
+    return torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 class _StepwiseLstm(torch.autograd.Function):
@@ -234,6 +243,11 @@ class AwdLstmLayer(nn.Module):
         state: tuple[torch.Tensor, torch.Tensor] | None = None,
         lengths: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        if _cpu_bf16_autocast(hidden) and not cpu_has_bf16_kernels():
+            # No bf16 LSTM on this CPU: the recurrence runs in fp32 (the rest of the model stays under autocast).
+            with torch.autocast("cpu", enabled=False):
+                state = None if state is None else (state[0].float(), state[1].float())
+                return self.forward(hidden.float(), state, lengths)
         weights = {}
         if self.training and self.weight_p > 0:
             weights["weight_hh_l0"] = F.dropout(self.lstm.weight_hh_l0, p=self.weight_p, training=True)

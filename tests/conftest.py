@@ -43,3 +43,15 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+@pytest.fixture
+def bf16_kernels(monkeypatch):
+    """Sets whether this CPU counts as having bf16 kernels, so both of the model's and trainer's paths are tested on
+    any machine (a CPU without them still computes bf16, only slowly)."""
+    from modeling_awd_lstm import modeling_awd_lstm
+
+    def set_present(present: bool) -> None:
+        monkeypatch.setattr(modeling_awd_lstm, "cpu_has_bf16_kernels", lambda: present)
+
+    return set_present

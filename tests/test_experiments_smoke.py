@@ -16,8 +16,11 @@ from conftest import DEMO_DATA
 from torch import nn
 
 from experiments.run import ABLATIONS, main
-from modeling_awd_lstm import AwdLstmConfig, AwdLstmForCausalLM
+from modeling_awd_lstm import AwdLstmConfig, AwdLstmForCausalLM, cpu_has_bf16_kernels
 from training.tokenizer_training import train_fastai_tokenizer
+
+# bf16 runs where the CPU has the kernels; elsewhere oneDNN has no bf16 LSTM, and fastai's side cannot run in it.
+FAST_PRECISION = "bf16" if cpu_has_bf16_kernels() else "fp32"
 
 
 def _lines(name: str, limit: int) -> list[str]:
@@ -71,7 +74,7 @@ def run(env, command: str, *options: str) -> None:
 
 @pytest.fixture(scope="module")
 def compared(env):
-    run(env, "compare", "--task", "trec6", "--seeds", "0,1", "--precision", "bf16")
+    run(env, "compare", "--task", "trec6", "--seeds", "0,1", "--precision", FAST_PRECISION)
     run(env, "compare", "--task", "imdb", "--seeds", "0", "--precision", "fp32")  # reviews cut to their last tokens
     return env
 
@@ -84,7 +87,7 @@ def lowshot(compared):
 
 @pytest.fixture(scope="module")
 def ablations(compared):
-    run(compared, "ablations", "--task", "trec6", "--seeds", "0", "--precision", "bf16", "--pretrain-backward",
+    run(compared, "ablations", "--task", "trec6", "--seeds", "0", "--precision", FAST_PRECISION, "--pretrain-backward",
         "--general-corpus", str(compared.general))
     return compared
 
@@ -109,7 +112,7 @@ def test_compare_runs_both_implementations_from_one_stage2_per_side(compared):
         for key in ("seconds", "train_seconds", "tokens_per_second"):
             assert stage3[key] > 0, (impl, key)
         assert len(stage3["test_probabilities"]) == 60 and stage3["curve"]
-        assert record["settings"]["precision"] == "bf16" and record["command"].startswith("python -m experiments.run")
+        assert record["settings"]["precision"] == FAST_PRECISION and record["command"].startswith("python -m experiments.run")
         assert record["hardware"]["versions"]["torch"]
     # Each side's stage 2 ran once, for every seed; both sides read the same vocabulary and take the same steps.
     for impl in ("ours", "fastai"):
@@ -125,7 +128,7 @@ def test_compare_runs_both_implementations_from_one_stage2_per_side(compared):
 
     files = sorted(compared.results.glob("compare_trec6/*.json"))
     stamps = [path.stat().st_mtime_ns for path in files]
-    run(compared, "compare", "--task", "trec6", "--seeds", "0,1", "--precision", "bf16")  # resumable: all done
+    run(compared, "compare", "--task", "trec6", "--seeds", "0,1", "--precision", FAST_PRECISION)  # resumable: all done
     assert [path.stat().st_mtime_ns for path in files] == stamps
 
 
@@ -171,6 +174,17 @@ def test_report_writes_results_md_and_plots(compared, lowshot, ablations, tmp_pa
     for plot in ("lowshot.png", "compare_trec6_curves.png", "compare_imdb_curves.png"):
         assert (compared.results / plot).stat().st_size > 10_000
         assert f"]({os.path.relpath(compared.results / plot, output.parent)})" in text  # linked from RESULTS.md
+
+
+def test_bf16_on_a_cpu_without_bf16_kernels_is_refused_with_the_fix(env, monkeypatch, capsys):
+    from experiments import settings
+
+    monkeypatch.setattr(settings, "cpu_has_bf16_kernels", lambda: False)
+    with pytest.raises(ValueError, match="Use --precision fp32"):
+        settings.task_settings("trec6", quick=True, precision="bf16")
+    assert main(["compare", "--quick", "--task", "trec6", "--precision", "bf16", "--data-dir", str(env.data),
+                 "--work-dir", str(env.work), "--results-dir", str(env.results), "--stage1", str(env.stage1)]) == 2
+    assert "--precision bf16 needs a CPU with bf16 kernels" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------------------------------------------------

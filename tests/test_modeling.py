@@ -201,7 +201,8 @@ def grad_fn_names(tensor: torch.Tensor) -> set[str]:
     return names
 
 
-def test_bf16_training_on_cpu_runs_the_stepwise_lstm_and_stays_close_to_fp32():
+def test_bf16_training_on_cpu_runs_the_stepwise_lstm_and_stays_close_to_fp32(bf16_kernels):
+    bf16_kernels(True)
     torch.manual_seed(0)
     model = AwdLstmForCausalLM(tiny_config()).train()
     ids, mask = pad_batch([torch.randint(4, 80, (n,)) for n in (5, 13, 27)], pad_id=1, side="right")
@@ -216,6 +217,26 @@ def test_bf16_training_on_cpu_runs_the_stepwise_lstm_and_stays_close_to_fp32():
         results.append([out.loss.detach()] + [p.grad.clone() for p in model.parameters()])
     for expected, got in zip(*results):
         assert (got - expected).abs().max() <= 0.02 * expected.abs().max()
+
+
+def test_without_cpu_bf16_kernels_the_lstms_run_in_fp32_under_bf16_autocast(bf16_kernels):
+    """oneDNN has no bf16 LSTM on such a CPU (it fails to create one): generation and classification still work."""
+    bf16_kernels(False)
+    torch.manual_seed(0)
+    lm = AwdLstmForCausalLM(tiny_config()).train()
+    ids = torch.randint(4, 80, (2, 9))
+    lstm_dtypes = []
+    lm.model.layers[0].register_forward_hook(lambda module, inputs, output: lstm_dtypes.append(output[0].dtype))
+    with torch.autocast("cpu", torch.bfloat16):
+        loss = lm(ids, labels=ids).loss
+        assert "_StepwiseLstmBackward" not in grad_fn_names(loss)
+        loss.backward()
+        lm.eval()
+        generated = lm.generate(ids[:1, :4], max_new_tokens=5, do_sample=False)
+        classifier = AwdLstmForSequenceClassification(tiny_config(num_labels=3)).eval()
+        logits = classifier(ids).logits
+    assert set(lstm_dtypes) == {torch.float32}
+    assert generated.shape == (1, 9) and logits.shape == (2, 3) and torch.isfinite(logits).all()
 
 
 @pytest.mark.parametrize("bias", [True, False])

@@ -13,6 +13,7 @@ from transformers import TrainerCallback, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
 from modeling_awd_lstm import AwdLstmConfig, AwdLstmForCausalLM, AwdLstmForSequenceClassification
+from modeling_awd_lstm import modeling_awd_lstm
 from scripts.ulmfit_tiny import single_thread  # noqa: F401  (a fixture, used by pytestmark)
 from scripts.ulmfit_tiny import classification_dataset, lm_corpus, tiny_config, word_tokenizer
 from training.data import LanguageModelingStream, SortedBatchSampler
@@ -270,7 +271,9 @@ def test_a_crash_while_saving_leaves_no_checkpoint_to_resume(tokenizer, corpus, 
 # ----------------------------------------------------------------------------------------------------------------------
 # Mixed precision, arguments
 # ----------------------------------------------------------------------------------------------------------------------
-def test_bf16_on_cpu_trains_and_evaluates_under_autocast(tokenizer, corpus, eval_corpus, tmp_path):
+def test_bf16_on_cpu_trains_and_evaluates_under_autocast(tokenizer, corpus, eval_corpus, tmp_path, bf16_kernels):
+    has_kernels = modeling_awd_lstm.cpu_has_bf16_kernels()
+    bf16_kernels(True)  # the stepwise LSTM that training runs computes bf16 on any CPU (slowly without the kernels)
     model = lm_model(tokenizer)
     lstm_dtypes, decoder_dtypes = [], []
     model.model.layers[-1].register_forward_hook(lambda module, inputs, output: lstm_dtypes.append(output[0].dtype))
@@ -281,8 +284,19 @@ def test_bf16_on_cpu_trains_and_evaluates_under_autocast(tokenizer, corpus, eval
     assert set(lstm_dtypes) == {torch.bfloat16}
     assert all(torch.isfinite(torch.tensor(loss)) for _, loss in trainer.batches)
     assert model.model.embed_tokens.weight.dtype == torch.float32  # autocast, not a bf16 model
+    bf16_kernels(has_kernels)  # evaluation runs oneDNN's LSTM, which has a bf16 version only where the kernels are
+    lstm_dtypes.clear()
     assert 1 < trainer.evaluate()["eval_perplexity"] < len(tokenizer)
+    assert set(lstm_dtypes) == {torch.bfloat16 if has_kernels else torch.float32}
     assert set(decoder_dtypes) == {torch.bfloat16}  # evaluation computes the logits (training only the loss)
+
+
+def test_bf16_on_a_cpu_without_bf16_kernels_trains_in_fp32_and_says_so(tmp_path, bf16_kernels, caplog):
+    bf16_kernels(False)
+    with caplog.at_level("WARNING"):
+        args = arguments(tmp_path, bf16=True)
+    assert not args.bf16 and args.use_cpu
+    assert "no bf16 kernels" in caplog.text
 
 
 def test_the_trainer_checks_what_it_is_given(tokenizer, corpus, tmp_path):

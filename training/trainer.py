@@ -28,8 +28,10 @@ from transformers import Trainer, TrainerCallback, TrainingArguments, get_schedu
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_callback import ExportableState
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, SaveStrategy, get_last_checkpoint, rotate_checkpoints
+from transformers.utils import logging
 
 from modeling_awd_lstm import AwdLstmCache, AwdLstmForSequenceClassification
+from modeling_awd_lstm import modeling_awd_lstm as awd_lstm_modeling
 
 from .data import ClassificationCollator, LanguageModelingStream, SortedBatchSampler, TokenizedCorpus
 from .metrics import load_metric
@@ -43,6 +45,8 @@ SCHEDULES = ("stlr", "one_cycle", "fine_tune", "constant", "cosine")
 # `get_last_checkpoint` and checkpoint rotation only see `checkpoint-<step>` folders.
 STAGING_PREFIX = "tmp-"
 RECURRENT_STATE_NAME = "recurrent_state"
+
+logger = logging.get_logger(__name__)
 
 
 def _has_accelerator() -> bool:
@@ -157,6 +161,12 @@ class ULMFiTTrainingArguments(TrainingArguments):
             # A recipe written for GPUs still runs here: bf16 on a CPU-only machine is CPU autocast, which
             # transformers only allows with `use_cpu`.
             self.use_cpu = True
+        if self.bf16 and self.use_cpu and not awd_lstm_modeling.cpu_has_bf16_kernels():
+            logger.warning(
+                "bf16 was asked for, but this CPU has no bf16 kernels (AVX-512 or AMX): bf16 autocast would run "
+                "hundreds of times slower than fp32 here, so this run trains in fp32."
+            )
+            self.bf16 = False
         super().__post_init__()
         if self.discriminative_lr_factor <= 0:
             raise ValueError(f"discriminative_lr_factor must be positive; got {self.discriminative_lr_factor}.")
