@@ -126,7 +126,10 @@ def _agreement(reference: list[float], other: list[float]) -> dict:
     return {"docs": n, "same_label": same, "max_abs_prob_diff": max((abs(a - b) for a, b in zip(reference, other)), default=0.0)}
 
 
-def summarize(records: list[dict], settings: Settings, prepared: Prepared, started: float, finished: float) -> dict:
+def summarize(records: list[dict], settings: Settings, prepared: Prepared, started: float, finished: float,
+              reused_predictions: dict | None = None) -> dict:
+    """`reused_predictions`: the prediction comparisons of a previous report whose inference records are reused (its
+    saved records hold no per-review probabilities)."""
     by_key: dict[tuple, dict[str, list[dict]]] = defaultdict(lambda: {impl: [] for impl in IMPLS})
     for record in records:
         by_key[_key(record["run"])][record["impl"]].append(record)
@@ -162,10 +165,10 @@ def summarize(records: list[dict], settings: Settings, prepared: Prepared, start
                         "eval_tokens": settings.eval_batches * key[2] * settings.bptt,
                     }
 
-    predictions = {}
+    predictions = dict(reused_predictions or {})
     infer = {key[3]: per_impl for key, per_impl in by_key.items() if key[0] == "clas_infer"}
     reference = next((r["result"] for r in infer.get("fp32", {}).get("fastai", []) if r["result"]), None)
-    if reference is not None:
+    if reference is not None and isinstance(reference["probs"], list):
         # fastai's batched predictions depend on the padding (its max_len window counts pad tokens), so each run is
         # compared with fastai's prediction for the review alone (predict) and with fastai's sorted batches.
         alone, batched = reference["single"]["probs"], reference["probs"]

@@ -146,12 +146,17 @@ def main(argv: list[str] | None = None) -> int:
     log(f"data: {files.lm_train.parent if files.lm_train.parent == files.imdb_train.parent else files.lm_train.parent.parent}")
     prepared = prepare(settings, files, args.cache_dir or default_cache_dir(), log=log)
     records = execute(settings, prepared, only)
+    reused_predictions = None
     if args.reuse is not None:
         rerun = {_TASK_OF_GROUP[group] for group in only}
-        kept = [r for r in json.loads(args.reuse.read_text())["records"] if r["run"]["task"] not in rerun]
+        previous = json.loads(args.reuse.read_text())
+        kept = [r for r in previous["records"] if r["run"]["task"] not in rerun]
         records = kept + records
+        if "clas_infer" not in rerun:
+            reused_predictions = previous.get("predictions")
         log(f"reused {len(kept)} measurements of {args.reuse}")
-    summary = summarize(records, settings, prepared, started=started, finished=time.time())
+    summary = summarize(records, settings, prepared, started=started, finished=time.time(),
+                        reused_predictions=reused_predictions)
     paths = write_reports(summary, args.out, suffix="_quick" if settings.quick else "")
     log("wrote " + ", ".join(str(p) for p in paths))
     print(Path(paths[0]).read_text())

@@ -86,3 +86,15 @@ def test_quick_benchmark_runs_both_sides_and_writes_its_reports(tmp_path):
     assert "| benchmark | setting | metric | fastai | ours | ours/fastai |" in markdown
     assert ("bf16 was not measured" in markdown) == (precisions == ["fp32"])
     assert (out / "results_quick.png").stat().st_size > 10_000
+
+    # One benchmark run again, the others' measurements and prediction comparisons taken from the first report.
+    rerun = tmp_path / "rerun"
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.run", "--quick", "--data-dir", str(DEMO_DATA), "--out", str(rerun),
+         "--cache-dir", str(tmp_path / "cache"), "--only", "generate", "--reuse", str(out / "results_quick.json")],
+        cwd=ROOT, capture_output=True, text=True, timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    again = json.loads((rerun / "results_quick.json").read_text())
+    assert {row["task"] for row in again["rows"]} == tasks
+    assert again["predictions"] == summary["predictions"] and again["quality"] == summary["quality"]

@@ -366,6 +366,36 @@ def test_generation_with_the_state_cache_equals_recomputing_the_prefix():
     assert seen == [7, 1, 1, 1, 1]
 
 
+def test_one_token_steps_read_transposed_weights_that_follow_every_change():
+    """On CPU a step of one or two rows reads cached transposes of the LSTM and decoder weights: it gives the modules'
+    own logits, and reads a weight anew once it is changed in place or replaced."""
+    torch.manual_seed(0)
+    model = AwdLstmForCausalLM(tiny_config()).eval()
+    prompt, token = torch.randint(4, 80, (2, 7)), torch.randint(4, 80, (2, 1))
+
+    def step_logits(grad: bool) -> torch.Tensor:  # with grad enabled the step runs the modules as they are
+        with torch.set_grad_enabled(grad):
+            cache = model(prompt, use_cache=True).cache
+            return model(token, cache=cache).logits.detach()
+
+    def check() -> None:
+        fast = step_logits(grad=False)
+        assert "_transposed_weights" in model.lm_head.__dict__
+        assert all("_transposed_weights" in layer.lstm.__dict__ for layer in model.model.layers)
+        torch.testing.assert_close(fast, step_logits(grad=True), rtol=1e-5, atol=1e-5)
+
+    check()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(3.0)  # tied: the embedding changes with it
+        model.model.layers[1].lstm.weight_hh_l0.add_(0.5)
+    check()
+    other = AwdLstmForCausalLM(tiny_config())
+    model.load_state_dict(other.state_dict())
+    check()
+    model.model.layers[0].lstm.weight_ih_l0 = torch.nn.Parameter(torch.randn_like(model.model.layers[0].lstm.weight_ih_l0))
+    check()
+
+
 def test_sampling_and_beam_search_follow_the_cache():
     torch.manual_seed(0)
     model = AwdLstmForCausalLM(tiny_config()).eval()
