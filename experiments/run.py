@@ -23,7 +23,16 @@ from tqdm.auto import tqdm
 
 from .data import TaskData, imdb_lowshot_train, load_task
 from .results import now, read_json, result_path, write_json
-from .settings import LOWSHOT_LABELS, TASKS, TaskSettings, signature, task_settings
+from .settings import (
+    LOWSHOT_LABELS,
+    LOWSHOT_MIN_STEPS,
+    LOWSHOT_SCRATCH_LR,
+    TASKS,
+    TaskSettings,
+    lowshot_settings,
+    signature,
+    task_settings,
+)
 
 EXPERIMENTS_DIR = Path(__file__).resolve().parent
 REPO_ROOT = EXPERIMENTS_DIR.parent
@@ -49,7 +58,7 @@ ABLATIONS = {
 }
 LOWSHOT_METHODS = {
     "ulmfit": "ULMFiT (ours): the IMDb stage-2 LM of `compare`, full recipe",
-    "scratch": "the same classifier from random weights (no stages 1-2), one rate for every layer, STLR",
+    "scratch": "the same classifier from random weights (no stages 1-2), one rate for every layer (its own), STLR",
     "tfidf": "TF-IDF (word 1-2 grams) + logistic regression, C by 5-fold cross-validation",
 }
 SCRATCH_RECIPE = {"discriminative_lr_factor": 1.0, "unfreeze_schedule": None}
@@ -108,6 +117,11 @@ def build_parser() -> argparse.ArgumentParser:
                          help="keep fastai's AR/TAR on the classifier (off by default: ours has none)")
     lowshot = commands.add_parser("lowshot", parents=[common], help="IMDb with few labels")
     lowshot.add_argument("--label-counts", type=_counts, default=None, help="default 100,500,1000,5000")
+    lowshot.add_argument("--min-steps", type=int, default=None,
+                         help="classifiers train at least this many steps, in more epochs on fewer labels "
+                              f"(default {LOWSHOT_MIN_STEPS[False]}; 0: always --clas-epochs)")
+    lowshot.add_argument("--scratch-lr", type=float, default=LOWSHOT_SCRATCH_LR,
+                         help="the from-scratch classifier's peak rate (default %(default)g)")
     ablations = commands.add_parser("ablations", parents=[common], help="variants of the recipe (ours)")
     ablations.add_argument("--task", choices=TASKS, required=True)
     ablations.add_argument("--variants", default=",".join(ABLATIONS), help="comma-separated subset of the variants")
@@ -196,12 +210,16 @@ class Experiment:
                    f"{record['tokens_per_second']:.0f} tokens/s, vocabulary {record['vocab_size']}")
         return folder, record
 
-    def run(self, experiment: str, name: str, seed: int, train_fn, **fields) -> dict:
-        """Runs `train_fn()` (a record with `test_accuracy`) unless its result file exists; writes and prints it."""
+    def run(self, experiment: str, name: str, seed: int, train_fn, settings: TaskSettings | None = None,
+            **fields) -> dict:
+        """Runs `train_fn()` (a record with `test_accuracy`) unless its result file exists; writes and prints it.
+
+        `settings`: what this run trained with, where it differs from the task's (low-shot epochs and rates)."""
         path = result_path(self.args.results_dir, experiment, name, seed)
+        settings = settings or self.settings
         if path.is_file():
             record = read_json(path)
-            if record.get("settings") != self.settings.to_dict():
+            if record.get("settings") != settings.to_dict():
                 tqdm.write(f"warning: {path} was run with other settings; delete it (or use another --results-dir) "
                            "to run it again")
             tqdm.write(f"{experiment} {name} seed {seed}: done already, {path}")
@@ -212,7 +230,7 @@ class Experiment:
             "experiment": experiment, "name": name, "seed": seed, "task": self.settings.task, **fields,
             "test_accuracy": result["test_accuracy"], "test_error": 1 - result["test_accuracy"],
             "n_test": len(self.test[0]), **{k: v for k, v in result.items() if k != "test_accuracy"},
-            "settings": self.settings.to_dict(), "data": self.data.stats(),
+            "settings": settings.to_dict(), "data": self.data.stats(),
             "command": self.args.command_line, "hardware": _hardware(), "started": started, "finished": now(),
         }
         write_json(path, record)
@@ -287,18 +305,22 @@ def command_lowshot(args: argparse.Namespace) -> int:
     experiment = Experiment(args, "imdb")
     settings, data = experiment.settings, experiment.data
     counts = args.label_counts or list(LOWSHOT_LABELS[args.quick])
+    min_steps = LOWSHOT_MIN_STEPS[args.quick] if args.min_steps is None else args.min_steps
     tqdm.write(f"lowshot: IMDb with {counts} labels, {len(experiment.test[0])} test reviews, seeds {args.seeds}; "
                "each seed draws its own balanced labels. ULMFiT starts from the IMDb stage-2 LM of `compare`.")
     folder, stage2_record = experiment.stage2("ours")
     plan = [(n, seed, method) for n in counts for seed in args.seeds for method in LOWSHOT_METHODS]
     for n, seed, method in tqdm(plan, desc="lowshot", unit="run"):
-        def train(n=n, seed=seed, method=method):
+        scratch = method == "scratch"
+        run_settings = settings if method == "tfidf" else lowshot_settings(settings, n, scratch, min_steps,
+                                                                           args.scratch_lr)
+
+        def train(n=n, seed=seed, method=method, scratch=scratch, run_settings=run_settings):
             labelled = imdb_lowshot_train(args.data_dir, n, seed)
             if method == "tfidf":
                 baseline = tfidf_logreg(labelled, experiment.test, seed)
                 return {"test_accuracy": baseline["test_accuracy"], "baseline": baseline}
-            scratch = method == "scratch"
-            stage3 = train_classifier(folder, labelled, experiment.test, data.label_names, settings, seed,
+            stage3 = train_classifier(folder, labelled, experiment.test, data.label_names, run_settings, seed,
                                       folder.parent / f"lowshot_{method}_n{n}_seed{seed}", random_init=scratch,
                                       recipe=SCRATCH_RECIPE if scratch else None)
             record = {"test_accuracy": stage3["test_accuracy"], "stage3": stage3}
@@ -306,7 +328,7 @@ def command_lowshot(args: argparse.Namespace) -> int:
                 record["stage2"] = _shared(stage2_record)
             return record
 
-        experiment.run("lowshot", f"{method}_n{n}", seed, train, method=method, labels=n,
+        experiment.run("lowshot", f"{method}_n{n}", seed, train, settings=run_settings, method=method, labels=n,
                        description=LOWSHOT_METHODS[method])
     return 0
 

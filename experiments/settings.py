@@ -79,6 +79,20 @@ QUICK = {
                          lm_epochs=1, lm_batch_size=8, clas_epochs=2, clas_batch_size=8),
 }
 LOWSHOT_LABELS = {False: (100, 500, 1000, 5000), True: (10, 20)}
+# Low-shot classifiers train at least this many optimizer steps (more epochs on fewer labels): 5 epochs of 100 reviews
+# at batch 32 are 15 steps, too few to leave chance; 150 steps is what 5 epochs of 1,000 reviews take.
+LOWSHOT_MIN_STEPS = {False: 150, True: 4}
+# The from-scratch classifier's peak rate: at the recipe's 1e-2 (tuned for pretrained encoders) it stays at chance.
+LOWSHOT_SCRATCH_LR = 2e-3
+
+
+def lowshot_settings(settings: TaskSettings, labels: int, scratch: bool, min_steps: int, scratch_lr: float
+                     ) -> TaskSettings:
+    """`settings` for one low-shot classifier: enough epochs for `min_steps` steps, and the scratch rate."""
+    batch_size = min(settings.clas_batch_size, labels)
+    steps_per_epoch = labels // batch_size  # the last partial batch is dropped, as fastai does
+    epochs = max(settings.clas_epochs, -(-min_steps // steps_per_epoch))
+    return dataclasses.replace(settings, clas_epochs=epochs, clas_lr=scratch_lr if scratch else settings.clas_lr)
 
 
 def task_settings(task: str, quick: bool, **overrides) -> TaskSettings:

@@ -144,6 +144,13 @@ def test_lowshot_runs_ulmfit_scratch_and_tfidf(lowshot):
     assert not ulmfit["stage3"]["random_init"]
     assert ulmfit["stage2"] == _result(lowshot, "compare_imdb", "ours", 0)["stage2"]  # the LM of `compare`, reused
     assert ulmfit["stage3"]["training"]["discriminative_lr_factor"] == 2.6
+    # Few labels train more epochs, to the step floor (4 in --quick): 10 reviews at batch 8 are one step an epoch.
+    for method in ("ulmfit", "scratch"):
+        record = _result(lowshot, "lowshot", f"{method}_n10", 0)
+        assert record["stage3"]["steps"] == 4 and record["stage3"]["epochs"] == record["settings"]["clas_epochs"] == 4
+    assert ulmfit["stage3"]["epochs"] == 2  # 20 reviews: the recipe's 2 epochs already reach the floor
+    scratch = _result(lowshot, "lowshot", "scratch_n20", 0)
+    assert scratch["stage3"]["training"]["learning_rate"] == 2e-3 != ulmfit["stage3"]["training"]["learning_rate"]
 
 
 def test_ablations_run_every_variant_with_a_backward_stage1(ablations):
