@@ -406,6 +406,12 @@ class AwdLstmPreTrainedModel(PreTrainedModel):
         self.config.auto_map = dict(AUTO_MAP)
         return super().save_pretrained(save_directory, *args, **kwargs)
 
+    def train(self, mode: bool = True):
+        if mode:  # the transposed weight copies of one-token decoding go stale at the first step: free their memory
+            for module in self.modules():
+                module.__dict__.pop("_transposed_weights", None)
+        return super().train(mode)
+
     def _init_weights(self, module: nn.Module) -> None:
         # fastai: uniform embedding and decoder, torch's own init for the LSTMs and the head.
         if isinstance(module, nn.Embedding):

@@ -368,7 +368,7 @@ def test_generation_with_the_state_cache_equals_recomputing_the_prefix():
 
 def test_one_token_steps_read_transposed_weights_that_follow_every_change():
     """On CPU a step of one or two rows reads cached transposes of the LSTM and decoder weights: it gives the modules'
-    own logits, and reads a weight anew once it is changed in place or replaced."""
+    own logits, reads a weight anew once it is changed in place or replaced, and `train()` frees the copies."""
     torch.manual_seed(0)
     model = AwdLstmForCausalLM(tiny_config()).eval()
     prompt, token = torch.randint(4, 80, (2, 7)), torch.randint(4, 80, (2, 1))
@@ -393,6 +393,10 @@ def test_one_token_steps_read_transposed_weights_that_follow_every_change():
     model.load_state_dict(other.state_dict())
     check()
     model.model.layers[0].lstm.weight_ih_l0 = torch.nn.Parameter(torch.randn_like(model.model.layers[0].lstm.weight_ih_l0))
+    check()
+    model.train()  # training makes the copies stale: their memory is freed
+    assert not any("_transposed_weights" in module.__dict__ for module in model.modules())
+    model.eval()
     check()
 
 
