@@ -136,6 +136,14 @@ def _lowshot_section(records: list[dict], output: Path, plots_dir: Path) -> list
     for labels in sorted(table):
         cells = [_mean_std([r["test_error"] for r in table[labels][m]]) for m in methods]
         lines.append(f"| {labels} | " + " | ".join(cells) + " |")
+    trained = {m: [r for row in table.values() for r in row[m] if "stage3" in r] for m in ("ulmfit", "scratch")}
+    if any(trained.values()):
+        epochs = sorted({(r["labels"], r["stage3"]["epochs"], r["stage3"]["steps"]) for runs in trained.values()
+                         for r in runs})
+        rates = "; ".join(f"{LOWSHOT_NAMES[m]} peak rate {_values(r['stage3']['training']['learning_rate'] for r in runs)}"
+                          for m, runs in trained.items() if runs)
+        lines += ["", "Classifier epochs (steps) by labels: "
+                  + ", ".join(f"{n}: {e} ({s})" for n, e, s in epochs) + f". {rates}."]
     figure, axis = plt.subplots(figsize=(6, 4))
     for method in methods:
         counts = [n for n in sorted(table) if table[n][method]]
@@ -154,6 +162,10 @@ def _lowshot_section(records: list[dict], output: Path, plots_dir: Path) -> list
     figure.savefig(path, dpi=90)
     plt.close(figure)
     return lines + ["", f"![accuracy against the number of labels]({_link(path, output)})", ""]
+
+
+def _values(values) -> str:
+    return " / ".join(f"{v:g}" for v in sorted(set(values)))
 
 
 def _ablations_section(task: str, records: list[dict]) -> list[str]:
