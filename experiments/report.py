@@ -15,7 +15,8 @@ from .results import load_results, now  # noqa: E402
 from .settings import PAPER_ERRORS  # noqa: E402
 
 TASK_NAMES = {"trec6": "TREC-6", "imdb": "IMDb"}
-LOWSHOT_NAMES = {"ulmfit": "ULMFiT (ours)", "scratch": "from scratch", "tfidf": "TF-IDF + LR"}
+LOWSHOT_NAMES = {"ulmfit": "ULMFiT (ours)", "ulmfit_one_rate": "ULMFiT, one rate, no unfreezing",
+                 "scratch": "from scratch", "tfidf": "TF-IDF + LR"}
 
 SAME_AND_DIFFERENT = """\
 Both implementations start from the same stage-1 weights (exported to fastai with
@@ -136,7 +137,7 @@ def _lowshot_section(records: list[dict], output: Path, plots_dir: Path) -> list
     for labels in sorted(table):
         cells = [_mean_std([r["test_error"] for r in table[labels][m]]) for m in methods]
         lines.append(f"| {labels} | " + " | ".join(cells) + " |")
-    trained = {m: [r for row in table.values() for r in row[m] if "stage3" in r] for m in ("ulmfit", "scratch")}
+    trained = {m: [r for row in table.values() for r in row[m] if "stage3" in r] for m in methods if m != "tfidf"}
     if any(trained.values()):
         epochs = sorted({(r["labels"], r["stage3"]["epochs"], r["stage3"]["steps"]) for runs in trained.values()
                          for r in runs})

@@ -56,12 +56,14 @@ ABLATIONS = {
     "backward": ("backward LM and classifier (stages 1-3 read every document reversed), full recipe", {}),
     "ensemble": ("forward + backward: mean of the two classifiers' probabilities", {}),
 }
+# One rate for every layer group, all of them training from the start.
+ONE_RATE_RECIPE = ABLATIONS["no_discriminative"][1]
 LOWSHOT_METHODS = {
     "ulmfit": "ULMFiT (ours): the IMDb stage-2 LM of `compare`, full recipe",
+    "ulmfit_one_rate": "ULMFiT (ours) from the same LM, one rate for every layer and no gradual unfreezing",
     "scratch": "the same classifier from random weights (no stages 1-2), one rate for every layer (its own), STLR",
     "tfidf": "TF-IDF (word 1-2 grams) + logistic regression, C by 5-fold cross-validation",
 }
-SCRATCH_RECIPE = {"discriminative_lr_factor": 1.0, "unfreeze_schedule": None}
 
 
 def _seeds(text: str) -> list[int]:
@@ -77,6 +79,14 @@ def _counts(text: str) -> list[int]:
         return [int(count) for count in text.split(",") if count.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected integers separated by commas, e.g. 100,500; got {text!r}") from None
+
+
+def _methods(text: str) -> list[str]:
+    methods = [method.strip() for method in text.split(",") if method.strip()]
+    unknown = sorted(set(methods) - set(LOWSHOT_METHODS))
+    if unknown or not methods:
+        raise argparse.ArgumentTypeError(f"unknown methods {unknown}; choose from {', '.join(LOWSHOT_METHODS)}")
+    return methods
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -120,6 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
     lowshot.add_argument("--min-steps", type=int, default=None,
                          help="classifiers train at least this many steps, in more epochs on fewer labels "
                               f"(default {LOWSHOT_MIN_STEPS[False]}; 0: always --clas-epochs)")
+    lowshot.add_argument("--methods", type=_methods, default=list(LOWSHOT_METHODS),
+                         help=f"comma-separated subset of {', '.join(LOWSHOT_METHODS)} (default: all)")
     lowshot.add_argument("--scratch-lr", type=float, default=LOWSHOT_SCRATCH_LR,
                          help="the from-scratch classifier's peak rate (default %(default)g)")
     ablations = commands.add_parser("ablations", parents=[common], help="variants of the recipe (ours)")
@@ -309,7 +321,7 @@ def command_lowshot(args: argparse.Namespace) -> int:
     tqdm.write(f"lowshot: IMDb with {counts} labels, {len(experiment.test[0])} test reviews, seeds {args.seeds}; "
                "each seed draws its own balanced labels. ULMFiT starts from the IMDb stage-2 LM of `compare`.")
     folder, stage2_record = experiment.stage2("ours")
-    plan = [(n, seed, method) for n in counts for seed in args.seeds for method in LOWSHOT_METHODS]
+    plan = [(n, seed, method) for n in counts for seed in args.seeds for method in args.methods]
     for n, seed, method in tqdm(plan, desc="lowshot", unit="run"):
         scratch = method == "scratch"
         run_settings = settings if method == "tfidf" else lowshot_settings(settings, n, scratch, min_steps,
@@ -322,9 +334,9 @@ def command_lowshot(args: argparse.Namespace) -> int:
                 return {"test_accuracy": baseline["test_accuracy"], "baseline": baseline}
             stage3 = train_classifier(folder, labelled, experiment.test, data.label_names, run_settings, seed,
                                       folder.parent / f"lowshot_{method}_n{n}_seed{seed}", random_init=scratch,
-                                      recipe=SCRATCH_RECIPE if scratch else None)
+                                      recipe=None if method == "ulmfit" else ONE_RATE_RECIPE)
             record = {"test_accuracy": stage3["test_accuracy"], "stage3": stage3}
-            if method == "ulmfit":
+            if not scratch:
                 record["stage2"] = _shared(stage2_record)
             return record
 
