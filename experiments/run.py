@@ -85,7 +85,8 @@ def _methods(text: str) -> list[str]:
     methods = [method.strip() for method in text.split(",") if method.strip()]
     unknown = sorted(set(methods) - set(LOWSHOT_METHODS))
     if unknown or not methods:
-        raise argparse.ArgumentTypeError(f"unknown methods {unknown}; choose from {', '.join(LOWSHOT_METHODS)}")
+        problem = f"unknown methods {unknown}" if unknown else "no method given"
+        raise argparse.ArgumentTypeError(f"{problem}; choose from {', '.join(LOWSHOT_METHODS)}")
     return methods
 
 
