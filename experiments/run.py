@@ -81,13 +81,18 @@ def _counts(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected integers separated by commas, e.g. 100,500; got {text!r}") from None
 
 
-def _methods(text: str) -> list[str]:
-    methods = [method.strip() for method in text.split(",") if method.strip()]
-    unknown = sorted(set(methods) - set(LOWSHOT_METHODS))
-    if unknown or not methods:
-        problem = f"unknown methods {unknown}" if unknown else "no method given"
-        raise argparse.ArgumentTypeError(f"{problem}; choose from {', '.join(LOWSHOT_METHODS)}")
-    return methods
+def _names_from(allowed: dict, what: str):
+    """An argparse type: a comma-separated list of `allowed`'s keys, each checked, in the order given."""
+
+    def parse(text: str) -> list[str]:
+        names = [name.strip() for name in text.split(",") if name.strip()]
+        unknown = sorted(set(names) - set(allowed))
+        if unknown or not names:
+            problem = f"unknown {what} {unknown}" if unknown else f"no {what} given"
+            raise argparse.ArgumentTypeError(f"{problem}; choose from {', '.join(allowed)}")
+        return names
+
+    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -131,13 +136,14 @@ def build_parser() -> argparse.ArgumentParser:
     lowshot.add_argument("--min-steps", type=int, default=None,
                          help="classifiers train at least this many steps, in more epochs on fewer labels "
                               f"(default {LOWSHOT_MIN_STEPS[False]}; 0: always --clas-epochs)")
-    lowshot.add_argument("--methods", type=_methods, default=list(LOWSHOT_METHODS),
+    lowshot.add_argument("--methods", type=_names_from(LOWSHOT_METHODS, "methods"), default=list(LOWSHOT_METHODS),
                          help=f"comma-separated subset of {', '.join(LOWSHOT_METHODS)} (default: all)")
     lowshot.add_argument("--scratch-lr", type=float, default=LOWSHOT_SCRATCH_LR,
                          help="the from-scratch classifier's peak rate (default %(default)g)")
     ablations = commands.add_parser("ablations", parents=[common], help="variants of the recipe (ours)")
     ablations.add_argument("--task", choices=TASKS, required=True)
-    ablations.add_argument("--variants", default=",".join(ABLATIONS), help="comma-separated subset of the variants")
+    ablations.add_argument("--variants", type=_names_from(ABLATIONS, "variants"), default=list(ABLATIONS),
+                           help="comma-separated subset of the variants")
     ablations.add_argument("--stage1-backward", type=Path, default=None,
                            help="the backward stage-1 folder (default WORK_DIR/general_lm_backward/pretrain)")
     ablations.add_argument("--pretrain-backward", action="store_true",
@@ -351,10 +357,7 @@ def command_ablations(args: argparse.Namespace) -> int:
 
     from .ours import pretrain_backward, train_classifier
 
-    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    unknown = sorted(set(variants) - set(ABLATIONS))
-    if unknown:
-        raise ValueError(f"Unknown ablation variant(s) {unknown}; choose from {', '.join(ABLATIONS)}.")
+    variants = list(args.variants)
     experiment = Experiment(args, args.task)
     settings, data = experiment.settings, experiment.data
     name = f"ablations_{args.task}"

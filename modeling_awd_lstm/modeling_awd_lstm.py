@@ -90,15 +90,18 @@ def _reads_transposed(inputs: torch.Tensor) -> bool:
     )
 
 
+TRANSPOSED_WEIGHTS_KEY = "_transposed_weights"  # where `_transposed` caches on a module (outside its state dict)
+
+
 def _transposed(module: nn.Module, *names: str) -> torch.Tensor:
     """The named weights of `module` side by side (dim 1), transposed and contiguous; cached on the module until one of
     them is replaced or changed in place (an optimizer step, `load_state_dict`, `.to()`)."""
     weights = [getattr(module, name) for name in names]
     key = tuple((weight.data_ptr(), weight._version) for weight in weights)
-    cached = module.__dict__.get("_transposed_weights")
+    cached = module.__dict__.get(TRANSPOSED_WEIGHTS_KEY)
     if cached is None or cached[0] != key:
         cached = (key, torch.cat([weight.detach() for weight in weights], 1).t().contiguous())
-        module.__dict__["_transposed_weights"] = cached
+        module.__dict__[TRANSPOSED_WEIGHTS_KEY] = cached
     return cached[1]
 
 
@@ -409,7 +412,7 @@ class AwdLstmPreTrainedModel(PreTrainedModel):
     def train(self, mode: bool = True):
         if mode:  # the transposed weight copies of one-token decoding go stale at the first step: free their memory
             for module in self.modules():
-                module.__dict__.pop("_transposed_weights", None)
+                module.__dict__.pop(TRANSPOSED_WEIGHTS_KEY, None)
         return super().train(mode)
 
     def _init_weights(self, module: nn.Module) -> None:

@@ -24,6 +24,7 @@ from modeling_awd_lstm import (
 )
 from conftest import python_without_package
 from modeling_awd_lstm.convert_fastai import convert_fastai_state_dict
+from modeling_awd_lstm.modeling_awd_lstm import TRANSPOSED_WEIGHTS_KEY
 
 TINY = dict(emb_size=16, hidden_size=24, num_layers=3)
 
@@ -380,8 +381,8 @@ def test_one_token_steps_read_transposed_weights_that_follow_every_change():
 
     def check() -> None:
         fast = step_logits(grad=False)
-        assert "_transposed_weights" in model.lm_head.__dict__
-        assert all("_transposed_weights" in layer.lstm.__dict__ for layer in model.model.layers)
+        assert TRANSPOSED_WEIGHTS_KEY in model.lm_head.__dict__
+        assert all(TRANSPOSED_WEIGHTS_KEY in layer.lstm.__dict__ for layer in model.model.layers)
         torch.testing.assert_close(fast, step_logits(grad=True), rtol=1e-5, atol=1e-5)
 
     check()
@@ -395,7 +396,7 @@ def test_one_token_steps_read_transposed_weights_that_follow_every_change():
     model.model.layers[0].lstm.weight_ih_l0 = torch.nn.Parameter(torch.randn_like(model.model.layers[0].lstm.weight_ih_l0))
     check()
     model.train()  # training makes the copies stale: their memory is freed
-    assert not any("_transposed_weights" in module.__dict__ for module in model.modules())
+    assert not any(TRANSPOSED_WEIGHTS_KEY in module.__dict__ for module in model.modules())
     model.eval()
     check()
 
