@@ -42,13 +42,26 @@ and `max_len`, and the same precision.
 """
 
 
-def _mean_std(values: list[float], scale: float = 100.0, digits: int = 2) -> str:
+ONE_CLASS_SHARE = 0.99
+
+
+def _mean_std(values: list[float], scale: float = 100.0, digits: int = 2, note: str = "") -> str:
     if not values:
         return "not run"
     values = [scale * v for v in values]
+    count = f"(n={len(values)}{'; ' + note if note else ''})"
     if len(values) == 1:
-        return f"{values[0]:.{digits}f} (n=1)"
-    return f"{np.mean(values):.{digits}f} ± {np.std(values, ddof=1):.{digits}f} (n={len(values)})"
+        return f"{values[0]:.{digits}f} {count}"
+    return f"{np.mean(values):.{digits}f} ± {np.std(values, ddof=1):.{digits}f} {count}"
+
+
+def predicts_one_class(record: dict) -> bool:
+    """Whether a classifier run collapsed: at least `ONE_CLASS_SHARE` of its test documents in one class."""
+    probabilities = record.get("stage3", {}).get("test_probabilities")
+    if not probabilities:
+        return False
+    predicted = np.asarray(probabilities).argmax(1)
+    return np.bincount(predicted).max() >= ONE_CLASS_SHARE * len(predicted)
 
 
 def _mean(values: list[float], digits: int = 0) -> str:
@@ -134,9 +147,18 @@ def _lowshot_section(records: list[dict], output: Path, plots_dir: Path) -> list
         "| labels | " + " | ".join(LOWSHOT_NAMES[m] for m in methods) + " |",
         "|---|" + "---|" * len(methods),
     ]
+    collapsed = 0
     for labels in sorted(table):
-        cells = [_mean_std([r["test_error"] for r in table[labels][m]]) for m in methods]
+        cells = []
+        for method in methods:
+            runs = table[labels][method]
+            one_class = sum(predicts_one_class(r) for r in runs)
+            collapsed += one_class
+            cells.append(_mean_std([r["test_error"] for r in runs], note=f"{one_class} one class" if one_class else ""))
         lines.append(f"| {labels} | " + " | ".join(cells) + " |")
+    if collapsed:
+        lines += ["", f"*one class*: runs that put at least {ONE_CLASS_SHARE:.0%} of the test reviews in one class, "
+                      "a classifier that collapsed to a constant prediction."]
     trained = {m: [r for row in table.values() for r in row[m] if "stage3" in r] for m in methods if m != "tfidf"}
     if any(trained.values()):
         epochs = sorted({(r["labels"], r["stage3"]["epochs"], r["stage3"]["steps"]) for runs in trained.values()

@@ -10,6 +10,7 @@ import shutil
 import warnings
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from conftest import DEMO_DATA
@@ -187,6 +188,25 @@ def test_report_writes_results_md_and_plots(compared, lowshot, ablations, tmp_pa
     for plot in ("lowshot.png", "compare_trec6_curves.png", "compare_imdb_curves.png"):
         assert (compared.results / plot).stat().st_size > 10_000
         assert f"]({os.path.relpath(compared.results / plot, output.parent)})" in text  # linked from RESULTS.md
+
+
+def test_lowshot_table_marks_runs_that_predict_one_class(tmp_path):
+    from experiments.report import _lowshot_section
+
+    def record(method, seed, probabilities, labels):
+        accuracy = float(np.mean(np.argmax(probabilities, 1) == labels))
+        stage3 = {"epochs": 10, "steps": 150, "training": {"learning_rate": 1e-2}, "test_probabilities": probabilities}
+        return {"method": method, "labels": 500, "seed": seed, "n_test": len(labels), "test_accuracy": accuracy,
+                "test_error": 1 - accuracy, "stage3": stage3}
+
+    labels = np.array([0, 1] * 100)
+    constant = [[0.52, 0.48]] * 200  # every review "neg": the collapse
+    spread = [[0.9, 0.1], [0.2, 0.8]] * 99 + [[0.6, 0.4]] * 2  # 99% right, and 99% is no single class
+    lines = _lowshot_section([record("ulmfit", 0, spread, labels), record("ulmfit_one_rate", 0, constant, labels),
+                              record("ulmfit_one_rate", 1, spread, labels)], tmp_path / "R.md", tmp_path)
+    row = next(line for line in lines if line.startswith("| 500 |"))
+    assert row == "| 500 | 0.50 (n=1) | 25.25 ± 35.00 (n=2; 1 one class) |"
+    assert any(line.startswith("*one class*: runs that put at least 99%") for line in lines)
 
 
 def test_bf16_on_a_cpu_without_bf16_kernels_is_refused_with_the_fix(env, monkeypatch, capsys):
