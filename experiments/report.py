@@ -18,6 +18,8 @@ TASK_NAMES = {"trec6": "TREC-6", "imdb": "IMDb"}
 LOWSHOT_NAMES = {"ulmfit": "ULMFiT (ours)", "ulmfit_one_rate": "ULMFiT, one rate, no unfreezing",
                  "scratch": "from scratch", "tfidf": "TF-IDF + LR"}
 
+# A low-shot run that puts at least this share of the test reviews in one class has collapsed.
+ONE_CLASS_SHARE = 0.99
 SAME_AND_DIFFERENT = """\
 Both implementations start from the same stage-1 weights (exported to fastai with
 `modeling_awd_lstm.convert_fastai.save_fastai_pretrained`) and read the same documents with the same tokens: fastai
@@ -41,8 +43,6 @@ and `max_len`, and the same precision.
   so the stage-2 perplexity is also measured for both by one evaluator (ours, fp32).
 """
 
-
-ONE_CLASS_SHARE = 0.99
 
 
 def _mean_std(values: list[float], scale: float = 100.0, digits: int = 2, note: str = "") -> str:

@@ -220,7 +220,6 @@ def test_bf16_on_a_cpu_without_bf16_kernels_is_refused_with_the_fix(env, monkeyp
     assert "--precision bf16 needs a CPU with bf16 kernels" in capsys.readouterr().err
 
 
-
 @pytest.mark.parametrize("argv, message", [
     (["lowshot", "--methods", "ulmfit,bert"], "argument --methods: unknown methods ['bert']; choose from ulmfit,"),
     (["lowshot", "--methods", " , "], "argument --methods: no methods given"),
@@ -230,6 +229,7 @@ def test_method_and_variant_lists_are_checked_before_anything_runs(argv, message
     with pytest.raises(SystemExit):
         main(argv)
     assert message in capsys.readouterr().err
+
 
 # ----------------------------------------------------------------------------------------------------------------------
 # The fastai side's stage-3 schedule
