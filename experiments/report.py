@@ -68,6 +68,12 @@ def _mean(values: list[float], digits: int = 0) -> str:
     return f"{np.mean(values):.{digits}f}" if values else "–"
 
 
+def _shown(path: Path) -> str:
+    """`path` relative to the working directory when it lies below it (the repository root in the commands)."""
+    path = Path(path).resolve()
+    return path.relative_to(Path.cwd()).as_posix() if path.is_relative_to(Path.cwd()) else str(path)
+
+
 def _link(path: Path, output: Path) -> str:
     return os.path.relpath(path, output.parent)
 
@@ -264,8 +270,8 @@ def write_report(results_dir: Path, output: Path, plots_dir: Path) -> Path:
     lines = ["# ULMFiT: this package side by side with fastai 2.8", ""]
     if quick:
         lines += ["**These results come from `--quick` runs (tiny models and data): their numbers mean nothing.**", ""]
-    lines += ["Written by `python -m experiments.run report` from the result files of `experiments/results/`; the runs "
-              "and how long they take are described in `experiments/README.md`.", ""]
+    lines += [f"Written by `python -m experiments.run report` from the result files of `{_shown(results_dir)}/`; the "
+              "runs and how long they take are described in `experiments/README.md`.", ""]
 
     compare = [t for t in TASK_NAMES if f"compare_{t}" in by_experiment]
     if compare:
@@ -284,7 +290,7 @@ def write_report(results_dir: Path, output: Path, plots_dir: Path) -> Path:
     # The reading of the figures is written by hand beside the results (`findings.md`), as the runs come in.
     findings = results_dir / "findings.md"
     lines += ["## What explains the differences", "", findings.read_text(encoding="utf-8").strip() if findings.is_file()
-              else "_Not written yet: see `experiments/results/findings.md`._", ""]
+              else f"_Not written yet: see `{_shown(findings)}`._", ""]
     lines += _runs_section(records) + _hardware_section(records) + _commands_section(records)
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text("\n".join(lines), encoding="utf-8")

@@ -183,6 +183,7 @@ def test_report_writes_results_md_and_plots(compared, lowshot, ablations, tmp_pa
     assert "3.6% test error" in text and "4.6% test error" in text and "--quick" in text
     assert "| fastai | " in text and "| ours | " in text and "| backward | " in text
     assert "python -m experiments.run ablations --quick" in text
+    assert f"from the result files of `{compared.results.resolve()}/`" in text  # the folder it read, not a fixed one
     assert "Classifier epochs (steps) by labels: 10: 4 (4), 20: 2 (4)." in text
     assert "from scratch peak rate 0.002" in text
     for plot in ("lowshot.png", "compare_trec6_curves.png", "compare_imdb_curves.png"):
