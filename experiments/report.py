@@ -12,6 +12,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from .results import load_results, now  # noqa: E402
+from .run import ABLATIONS, REPO_ROOT  # noqa: E402
 from .settings import PAPER_ERRORS  # noqa: E402
 
 TASK_NAMES = {"trec6": "TREC-6", "imdb": "IMDb"}
@@ -69,9 +70,9 @@ def _mean(values: list[float], digits: int = 0) -> str:
 
 
 def _shown(path: Path) -> str:
-    """`path` relative to the working directory when it lies below it (the repository root in the commands)."""
+    """`path` as the repository's commands name it: relative to the repository root when it lies below it."""
     path = Path(path).resolve()
-    return path.relative_to(Path.cwd()).as_posix() if path.is_relative_to(Path.cwd()) else str(path)
+    return path.relative_to(REPO_ROOT).as_posix() if path.is_relative_to(REPO_ROOT) else str(path)
 
 
 def _link(path: Path, output: Path) -> str:
@@ -198,8 +199,6 @@ def _values(values) -> str:
 
 
 def _ablations_section(task: str, records: list[dict]) -> list[str]:
-    from .run import ABLATIONS
-
     by_variant = defaultdict(list)
     for record in records:
         by_variant[record["variant"]].append(record)
