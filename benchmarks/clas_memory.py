@@ -3,8 +3,9 @@
     python -m benchmarks.clas_memory ours --longest 1900 --shortest 1400 --batch-size 8
     python -m benchmarks.clas_memory fastai --longest 1900 --shortest 1400 --batch-size 8
 
-Full-size AWD-LSTM classifier (400/1152/3, vocab 30k, BPTT 72, max_len 1,440) in fp32 and train mode, one batch of
-random token ids whose lengths spread evenly from `--longest` down to `--shortest`; prints the growth of the process's
+Full-size AWD-LSTM classifier (400/1152/3, vocab 30k, BPTT 72, max_len 1,440) in train mode, one batch of
+random token ids whose lengths spread evenly from `--longest` down to `--shortest`, in fp32 or under bf16 autocast
+(`--precision`); prints the growth of the process's
 peak RSS over the forward pass and over forward + backward.
 """
 
@@ -49,15 +50,17 @@ def main() -> None:
     parser.add_argument("--longest", type=int, default=1900)
     parser.add_argument("--shortest", type=int, default=1400)
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="bf16: CPU autocast")
     args = parser.parse_args()
     torch.manual_seed(0)
     lengths = torch.linspace(args.longest, args.shortest, args.batch_size).long().tolist()
     step = training_step(args.side, [torch.randint(4, VOCAB, (n,)) for n in lengths])
     before = peak_mb()
-    loss = step()
+    with torch.autocast("cpu", torch.bfloat16, enabled=args.precision == "bf16"):
+        loss = step()
     forward = peak_mb()
     loss.backward()
-    print(f"{args.side}: batch {args.batch_size}, lengths {args.longest}-{args.shortest}: peak RSS "
+    print(f"{args.side} {args.precision}: batch {args.batch_size}, lengths {args.longest}-{args.shortest}: peak RSS "
           f"+{forward - before:,.0f} MB after the forward pass, +{peak_mb() - before:,.0f} MB after the backward pass")
 
 

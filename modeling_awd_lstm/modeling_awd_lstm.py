@@ -166,13 +166,15 @@ class _StepwiseLstm(torch.autograd.Function):
                     outputs[t] = h_new
                     h = outputs[t]
                 cells[t + 1] = c
-        ctx.save_for_backward(x, mask, h0, w_ih_c, w_hh_c, gates, cells, outputs)
-        ctx.input_dtype = inputs.dtype
+        # The input weight is saved as the parameter itself and cast again in the backward pass: a saved cast would
+        # hold one more copy per call, that is per chunk of a BPT3C graph.
+        ctx.save_for_backward(x, mask, h0, w_ih, w_hh_c, gates, cells, outputs)
+        ctx.input_dtype, ctx.dtype = inputs.dtype, dtype
         return outputs.transpose(0, 1), h[None], c[None]
 
     @staticmethod
     def backward(ctx, grad_outputs, grad_h, grad_c):
-        x, mask, h0, w_ih_c, w_hh_c, gates, cells, outputs = ctx.saved_tensors
+        x, mask, h0, w_ih, w_hh_c, gates, cells, outputs = ctx.saved_tensors
         steps, batch, size4 = gates.shape
         size = size4 // 4
         grad_outputs = grad_outputs.float().transpose(0, 1) if grad_outputs is not None else None
@@ -206,7 +208,7 @@ class _StepwiseLstm(torch.autograd.Function):
         # Each step's recurrent input: the state before it (a padded step's gradient is zero, so its row is unused).
         previous = torch.cat([h0.to(outputs.dtype), outputs[:-1]]).view(steps * batch, size)
         grad_bias = flat.float().sum(0)
-        grad_inputs = torch.mm(flat, w_ih_c).view(steps, batch, -1).transpose(0, 1).to(ctx.input_dtype)
+        grad_inputs = torch.mm(flat, w_ih.to(ctx.dtype)).view(steps, batch, -1).transpose(0, 1).to(ctx.input_dtype)
         return (
             grad_inputs, None, dh[None], dc[None],
             torch.mm(flat.t(), x).float(), torch.mm(flat.t(), previous).float(), grad_bias, grad_bias, None,
