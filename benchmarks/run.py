@@ -151,7 +151,8 @@ def main(argv: list[str] | None = None) -> int:
         rerun = {_TASK_OF_GROUP[group] for group in only}
         previous = json.loads(args.reuse.read_text())
         kept = [r for r in previous["records"] if r["run"]["task"] not in rerun]
-        records = kept + records
+        order = list(_TASK_OF_GROUP.values())
+        records = sorted(kept + records, key=lambda r: order.index(r["run"]["task"]))  # the tables' usual order
         if "clas_infer" not in rerun:
             reused_predictions = previous.get("predictions")
         log(f"reused {len(kept)} measurements of {args.reuse}")
