@@ -48,10 +48,15 @@ def single_thread():
 @pytest.fixture
 def bf16_kernels(monkeypatch):
     """Sets whether this CPU counts as having bf16 kernels, so both of the model's and trainer's paths are tested on
-    any machine (a CPU without them still computes bf16, only slowly)."""
+    any machine: a CPU without them still computes bf16 in the stepwise LSTM, only slowly, but has no fused bf16 LSTM,
+    so there bf16 training runs every layer stepwise."""
     from modeling_awd_lstm import modeling_awd_lstm
+
+    real = modeling_awd_lstm.cpu_has_bf16_kernels()
 
     def set_present(present: bool) -> None:
         monkeypatch.setattr(modeling_awd_lstm, "cpu_has_bf16_kernels", lambda: present)
+        if present and not real:
+            monkeypatch.setattr(modeling_awd_lstm, "FUSED_BF16_TRAINING_MAX_HIDDEN", 0)
 
     return set_present

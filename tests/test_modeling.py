@@ -220,6 +220,35 @@ def test_bf16_training_on_cpu_runs_the_stepwise_lstm_and_stays_close_to_fp32(bf1
         assert (got - expected).abs().max() <= 0.02 * expected.abs().max()
 
 
+def test_bf16_training_picks_the_lstm_kernel_by_layer_size():
+    """On whole rows, layers up to `FUSED_BF16_TRAINING_MAX_HIDDEN` train in bf16 through oneDNN's fused LSTM (faster
+    there) and larger ones through the stepwise kernel, both close to fp32; a CPU without bf16 kernels trains both in
+    fp32."""
+    from modeling_awd_lstm.modeling_awd_lstm import FUSED_BF16_TRAINING_MAX_HIDDEN, cpu_has_bf16_kernels
+
+    ids = torch.randint(4, 80, (3, 12), generator=torch.Generator().manual_seed(0))
+    for hidden_size, fused in ((24, True), (FUSED_BF16_TRAINING_MAX_HIDDEN + 8, False)):
+        torch.manual_seed(0)
+        model = AwdLstmForCausalLM(tiny_config(hidden_size=hidden_size)).train()
+        first_layer_dtypes = []
+        model.model.layers[0].register_forward_hook(lambda module, inputs, output: first_layer_dtypes.append(output[0].dtype))
+        results = []
+        for bf16 in (False, True):
+            model.zero_grad()
+            torch.manual_seed(1)
+            with torch.autocast("cpu", torch.bfloat16, enabled=bf16):
+                out = model(ids, labels=ids)
+            stepwise = "_StepwiseLstmBackward" in grad_fn_names(out.loss)
+            out.loss.backward()
+            results.append([out.loss.detach()] + [p.grad.clone() for p in model.parameters()])
+        if cpu_has_bf16_kernels():
+            assert (stepwise, first_layer_dtypes[-1]) == (not fused, torch.bfloat16)
+        else:
+            assert (stepwise, first_layer_dtypes[-1]) == (False, torch.float32)
+        for expected, got in zip(*results):
+            assert (got - expected).abs().max() <= 0.02 * expected.abs().max()
+
+
 def test_without_cpu_bf16_kernels_the_lstms_run_in_fp32_under_bf16_autocast(bf16_kernels):
     """oneDNN has no bf16 LSTM on such a CPU (it fails to create one): generation and classification still work."""
     bf16_kernels(False)

@@ -273,7 +273,7 @@ def test_a_crash_while_saving_leaves_no_checkpoint_to_resume(tokenizer, corpus, 
 # ----------------------------------------------------------------------------------------------------------------------
 def test_bf16_on_cpu_trains_and_evaluates_under_autocast(tokenizer, corpus, eval_corpus, tmp_path, bf16_kernels):
     has_kernels = modeling_awd_lstm.cpu_has_bf16_kernels()
-    bf16_kernels(True)  # the stepwise LSTM that training runs computes bf16 on any CPU (slowly without the kernels)
+    bf16_kernels(True)  # training in bf16 runs on any CPU (stepwise, and slowly, without the kernels)
     model = lm_model(tokenizer)
     lstm_dtypes, decoder_dtypes = [], []
     model.model.layers[-1].register_forward_hook(lambda module, inputs, output: lstm_dtypes.append(output[0].dtype))
