@@ -3,10 +3,9 @@
     python -m benchmarks.clas_memory ours --longest 1900 --shortest 1400 --batch-size 8
     python -m benchmarks.clas_memory fastai --longest 1900 --shortest 1400 --batch-size 8
 
-Full-size AWD-LSTM classifier (400/1152/3, vocab 30k, BPTT 72, max_len 1,440) in train mode, one batch of
-random token ids whose lengths spread evenly from `--longest` down to `--shortest`, in fp32 or under bf16 autocast
-(`--precision`); prints the growth of the process's
-peak RSS over the forward pass and over forward + backward.
+Full-size AWD-LSTM classifier (400/1152/3, vocab 30k, BPTT 72, max_len 1,440) in train mode, one batch of random
+token ids whose lengths spread evenly from `--longest` down to `--shortest`, in fp32 or under bf16 autocast
+(`--precision`); prints the growth of the process's peak RSS over the forward pass and over forward + backward.
 """
 
 import argparse

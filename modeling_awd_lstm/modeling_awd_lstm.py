@@ -107,10 +107,11 @@ def _transposed(module: nn.Module, *names: str) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------------------------------------------------
 # bf16 training on CPU. On CPUs with bf16 matrix units, oneDNN's fused LSTM runs the backward pass of a large layer at a
-# fraction of the units' speed, and a full-vocabulary decoder spends most of its time writing and re-reading fp32 logits. The two
-# autograd functions below do the same arithmetic as large bf16 matrix products: the LSTM projects every input in one
-# product and runs only the small recurrent product per step (gate activations and cell states in fp32), and the
-# decoder computes the cross entropy and its gradients a slice of tokens at a time, never holding all the logits.
+# fraction of the units' speed, and a full-vocabulary decoder spends most of its time writing and re-reading fp32
+# logits. The two autograd functions below do the same arithmetic as large bf16 matrix products: the LSTM projects every
+# input in one product and runs only the small recurrent product per step (gate activations and cell states in fp32),
+# and the decoder computes the cross entropy and its gradients a slice of tokens at a time, never holding all the
+# logits.
 # ----------------------------------------------------------------------------------------------------------------------
 def _cpu_bf16_autocast(tensor: torch.Tensor) -> bool:
     return (
@@ -120,9 +121,9 @@ def _cpu_bf16_autocast(tensor: torch.Tensor) -> bool:
     )
 
 
-# Up to this hidden size oneDNN's fused bf16 LSTM trains faster than the stepwise kernel below (measured on AVX-512 BF16,
-# forward and backward of one layer over 70 steps: 128->512 at batch 64, 138 against 181 ms; 512->512, 229 against
-# 238 ms; 1152->1152 at batch 32, 693 against 539 ms).
+# Up to this hidden size oneDNN's fused bf16 LSTM trains faster than the stepwise kernel below (measured on AVX-512
+# BF16, forward and backward of one layer over 70 steps: 128->512 at batch 64, 138 against 181 ms; 512->512, 229
+# against 238 ms; 1152->1152 at batch 32, 693 against 539 ms).
 FUSED_BF16_TRAINING_MAX_HIDDEN = 512
 
 

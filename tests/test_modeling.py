@@ -231,7 +231,9 @@ def test_bf16_training_picks_the_lstm_kernel_by_layer_size():
         torch.manual_seed(0)
         model = AwdLstmForCausalLM(tiny_config(hidden_size=hidden_size)).train()
         first_layer_dtypes = []
-        model.model.layers[0].register_forward_hook(lambda module, inputs, output: first_layer_dtypes.append(output[0].dtype))
+        model.model.layers[0].register_forward_hook(
+            lambda module, inputs, output: first_layer_dtypes.append(output[0].dtype)
+        )
         results = []
         for bf16 in (False, True):
             model.zero_grad()
