@@ -119,3 +119,19 @@ def test_accelerate_launch_runs_two_processes(demo_run, tmp_path):
     assert result.stdout.count("ULMFiT run") == 1  # only the main process summarises
     model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "classifier")
     assert torch.isfinite(next(model.parameters())).all()
+
+
+def test_a_command_that_succeeded_leaves_the_process_group(tmp_path):
+    """Gloo's threads can abort a process at exit if its group is still up, so `ulmfit` destroys it after success;
+    after a failure it stays, as other processes may still wait on it."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        assert main(["finetune-lm", "demo", "--output-dir", str(tmp_path / "no-parent")]) == 2
+        assert dist.is_initialized()
+        assert main(["validate", "demo"]) == 0
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

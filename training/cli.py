@@ -94,10 +94,25 @@ def main(argv: list[str] | None = None) -> int:
     from .hub import HubPushError
 
     try:
-        return COMMANDS[args.command](args)
+        status = COMMANDS[args.command](args)
     except (RecipeError, FileNotFoundError, ValueError, HubPushError) as error:
         print(f"ulmfit {args.command}: error: {error}", file=sys.stderr)
         return 2
+    leave_process_group()
+    return status
+
+
+def leave_process_group() -> None:
+    """Destroys the `accelerate launch` process group after a command that succeeded on every process.
+
+    A gloo group left to the interpreter's exit can abort the process ("terminate called without an active
+    exception") after all the work is done. After a failure it is left alone: the other processes may still be waiting
+    in a collective, where destroying it would hang.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 # ----------------------------------------------------------------------------------------------------------------------

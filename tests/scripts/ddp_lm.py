@@ -18,6 +18,7 @@ import torch.distributed as dist
 from ulmfit_tiny import imdb_texts, lm_corpus, tiny_config, word_tokenizer
 
 from modeling_awd_lstm import AwdLstmForCausalLM
+from training.cli import leave_process_group
 from training.optim import layer_groups
 from training.trainer import ULMFiTTrainer, ULMFiTTrainingArguments
 
@@ -69,6 +70,7 @@ def main(output_file: str, batch_size: int, run_dir: str) -> None:
     if args.process_index == 0:
         with open(output_file, "w") as file:
             json.dump(report, file)
+    leave_process_group()
 
 
 if __name__ == "__main__":
