@@ -16,7 +16,8 @@ from .run import ABLATIONS, REPO_ROOT  # noqa: E402
 from .settings import PAPER_ERRORS  # noqa: E402
 
 TASK_NAMES = {"trec6": "TREC-6", "imdb": "IMDb"}
-LOWSHOT_NAMES = {"ulmfit": "ULMFiT (ours)", "ulmfit_one_rate": "ULMFiT, one rate, no unfreezing",
+LOWSHOT_NAMES = {"ulmfit": "ULMFiT (ours)", "ulmfit_no_unfreezing": "ULMFiT, no unfreezing",
+                 "ulmfit_one_rate": "ULMFiT, one rate, no unfreezing",
                  "scratch": "from scratch", "tfidf": "TF-IDF + LR"}
 
 # A low-shot run that puts at least this share of the test reviews in one class has collapsed.

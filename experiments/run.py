@@ -56,13 +56,20 @@ ABLATIONS = {
     "backward": ("backward LM and classifier (stages 1-3 read every document reversed), full recipe", {}),
     "ensemble": ("forward + backward: mean of the two classifiers' probabilities", {}),
 }
-# One rate for every layer group, all of them training from the start.
-ONE_RATE_RECIPE = ABLATIONS["no_discriminative"][1]
 LOWSHOT_METHODS = {
     "ulmfit": "ULMFiT (ours): the IMDb stage-2 LM of `compare`, full recipe",
+    "ulmfit_no_unfreezing": "ULMFiT (ours) from the same LM, discriminative rates and STLR, every layer group trained "
+                            "from the start (no gradual unfreezing)",
     "ulmfit_one_rate": "ULMFiT (ours) from the same LM, one rate for every layer and no gradual unfreezing",
     "scratch": "the same classifier from random weights (no stages 1-2), one rate for every layer (its own), STLR",
     "tfidf": "TF-IDF (word 1-2 grams) + logistic regression, C by 5-fold cross-validation",
+}
+# What each low-shot method that fine-tunes the stage-2 LM changes in the recipe (the ablations' arguments).
+LOWSHOT_RECIPES = {
+    "ulmfit": None,
+    "ulmfit_no_unfreezing": ABLATIONS["no_gradual_unfreezing"][1],
+    "ulmfit_one_rate": ABLATIONS["no_discriminative"][1],
+    "scratch": ABLATIONS["no_discriminative"][1],
 }
 
 
@@ -341,7 +348,7 @@ def command_lowshot(args: argparse.Namespace) -> int:
                 return {"test_accuracy": baseline["test_accuracy"], "baseline": baseline}
             stage3 = train_classifier(folder, labelled, experiment.test, data.label_names, run_settings, seed,
                                       folder.parent / f"lowshot_{method}_n{n}_seed{seed}", random_init=scratch,
-                                      recipe=None if method == "ulmfit" else ONE_RATE_RECIPE)
+                                      recipe=LOWSHOT_RECIPES[method])
             record = {"test_accuracy": stage3["test_accuracy"], "stage3": stage3}
             if not scratch:
                 record["stage2"] = _shared(stage2_record)

@@ -135,7 +135,7 @@ def test_compare_runs_both_implementations_from_one_stage2_per_side(compared):
 
 def test_lowshot_runs_ulmfit_scratch_and_tfidf(lowshot):
     for n in (10, 20):
-        for method in ("ulmfit", "ulmfit_one_rate", "scratch", "tfidf"):
+        for method in ("ulmfit", "ulmfit_no_unfreezing", "ulmfit_one_rate", "scratch", "tfidf"):
             record = _result(lowshot, "lowshot", f"{method}_n{n}", 0)
             assert record["labels"] == n and record["method"] == method and record["n_test"] == 40
             assert 0 <= record["test_accuracy"] <= 1
@@ -154,6 +154,11 @@ def test_lowshot_runs_ulmfit_scratch_and_tfidf(lowshot):
     assert not one_rate["stage3"]["random_init"] and one_rate["stage2"] == ulmfit["stage2"]
     assert one_rate["stage3"]["training"]["discriminative_lr_factor"] == 1.0
     assert one_rate["stage3"]["training"]["unfreeze_schedule"] is None
+    all_layers = _result(lowshot, "lowshot", "ulmfit_no_unfreezing_n20", 0)
+    assert not all_layers["stage3"]["random_init"] and all_layers["stage2"] == ulmfit["stage2"]
+    assert all_layers["stage3"]["training"]["discriminative_lr_factor"] == 2.6
+    assert all_layers["stage3"]["training"]["unfreeze_schedule"] is None
+    assert ulmfit["stage3"]["training"]["unfreeze_schedule"] == "gradual"
     scratch = _result(lowshot, "lowshot", "scratch_n20", 0)
     assert scratch["stage3"]["training"]["learning_rate"] == 2e-3 != ulmfit["stage3"]["training"]["learning_rate"]
 
