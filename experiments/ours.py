@@ -86,13 +86,14 @@ def predict_probabilities(trainer: ULMFiTTrainer, dataset: datasets.Dataset) -> 
 # ----------------------------------------------------------------------------------------------------------------------
 def finetune_lm(
     lm_texts: list[str], lm_is_valid: list[bool], settings: TaskSettings, parent: Path, folder: Path,
-    random_init: bool = False,
+    random_init: bool = False, one_rate: bool = False,
 ) -> dict:
     """fastai's `fine_tune(lm_epochs, lm_lr)` from `parent` (a stage-1 folder), after moving it to the task's
     vocabulary (fastai's rule over `lm_texts`, every row counted as fastai counts them; `match_embeds` transfer).
 
-    `random_init` starts from random weights of the same shape instead (the "no pretraining" ablation): nothing is
-    pretrained to protect, so every layer trains from the start with one rate along a one-cycle.
+    `one_rate` trains every layer from the start with one rate along a one-cycle instead: no frozen epoch, no lower
+    rates for the lower layers (the paper's "Full" LM fine-tuning). `random_init` starts from random weights of the
+    same shape (the "no pretraining" ablation), with that one-rate schedule, as nothing is pretrained to protect.
     Saves the model and tokenizer in `folder` and returns the stage's record.
     """
     started = time.time()
@@ -107,10 +108,13 @@ def finetune_lm(
     train_texts = [text for text, valid in zip(lm_texts, lm_is_valid) if not valid]
     valid_texts = [text for text, valid in zip(lm_texts, lm_is_valid) if valid]
     corpus, valid = lm_corpus(train_texts, tokenizer, backwards), lm_corpus(valid_texts, tokenizer, backwards)
-    if random_init:
+    if random_init or one_rate:
         schedule = dict(ulmfit_schedule="one_cycle", discriminative_lr_factor=1.0)
+        schedule_name = f"one_cycle({settings.lm_total_epochs}, {settings.lm_lr})"
+        schedule_name += " from random weights" if random_init else ""
     else:
         schedule = dict(ulmfit_schedule="fine_tune", fine_tune_freeze_epochs=1)
+        schedule_name = f"fine_tune({settings.lm_epochs}, {settings.lm_lr})"
     args = training_arguments(
         folder, seed=0, precision=settings.precision, num_train_epochs=settings.lm_total_epochs,
         learning_rate=settings.lm_lr, per_device_train_batch_size=settings.lm_batch_size,
@@ -134,7 +138,7 @@ def finetune_lm(
         "train_tokens": int(corpus.num_tokens),
         "vocab_size": len(tokenizer),
         "epochs": settings.lm_total_epochs,
-        "schedule": "one_cycle (random init)" if random_init else f"fine_tune({settings.lm_epochs}, {settings.lm_lr})",
+        "schedule": schedule_name,
         "backwards": backwards,
         "curve": loss_curve(trainer.state.log_history),
     }

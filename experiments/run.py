@@ -44,6 +44,8 @@ ABLATIONS = {
     "full": ("ULMFiT: stage 1, stage 2, discriminative rates (2.6), STLR, gradual unfreezing", {}),
     "no_pretraining": ("no stage 1: stage 2 from random weights (one-cycle, one rate), then the full recipe", {}),
     "no_lm_finetuning": ("no stage 2: the classifier straight from stage 1 (its vocabulary)", {}),
+    "lm_one_rate": ("stage 2 at one rate for every layer along a one-cycle (no frozen epoch, no discriminative "
+                    "rates), then the full recipe", {}),
     "no_discriminative": ("full fine-tuning: one rate for every layer group (factor 1), no unfreezing, STLR",
                           {"discriminative_lr_factor": 1.0, "unfreeze_schedule": None}),
     "no_gradual_unfreezing": ("discriminative rates (2.6) and STLR, every layer group trained from the start",
@@ -207,7 +209,8 @@ class Experiment:
         return self.data.train_texts, self.data.train_labels
 
     def stage2(self, kind: str, parent: Path | None = None) -> tuple[Path, dict]:
-        """The stage-2 LM of `kind` ("ours", "fastai", "ours_scratch", "ours_backward"), trained once and reused."""
+        """The stage-2 LM of `kind` ("ours", "fastai", "ours_scratch", "ours_one_rate", "ours_backward"), trained
+        once and reused."""
         parent = parent or self.args.stage1
         folder = self.task_dir / f"{kind}-{signature(_model_identity(parent))}" / "finetune_lm"
         if (folder / STAGE2_FILE).is_file():
@@ -228,7 +231,7 @@ class Experiment:
             from . import ours
 
             record = ours.finetune_lm(data.lm_texts, data.lm_is_valid, settings, parent, folder,
-                                      random_init=kind == "ours_scratch")
+                                      random_init=kind == "ours_scratch", one_rate=kind == "ours_one_rate")
         record.update(kind=kind, parent=str(parent), seed=0, folder=str(folder), finished=now())
         write_json(folder / STAGE2_FILE, record)
         tqdm.write(f"{settings.task} stage 2 ({kind}): validation perplexity {record['valid_perplexity']:.1f} "
@@ -390,6 +393,8 @@ def command_ablations(args: argparse.Namespace) -> int:
             return args.stage1, None
         if variant == "no_pretraining":
             return experiment.stage2("ours_scratch")
+        if variant == "lm_one_rate":
+            return experiment.stage2("ours_one_rate")
         if variant == "backward":
             if not AwdLstmConfig.from_pretrained(backward_stage1).backwards:
                 raise ValueError(f"{backward_stage1} reads text forwards: pass a backward stage 1 (model.backwards).")

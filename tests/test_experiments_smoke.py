@@ -169,6 +169,10 @@ def test_ablations_run_every_variant_with_a_backward_stage1(ablations):
     assert records["backward"]["stage3"]["backwards"] and records["backward"]["stage2"]["backwards"]
     assert not records["no_pretraining"]["stage3"]["backwards"]
     assert records["no_pretraining"]["stage2"]["schedule"].startswith("one_cycle")
+    one_rate_lm = records["lm_one_rate"]["stage2"]
+    assert one_rate_lm["schedule"].startswith("one_cycle") and "random" not in one_rate_lm["schedule"]
+    assert one_rate_lm["kind"] == "ours_one_rate" and one_rate_lm["parent"] == records["full"]["stage2"]["parent"]
+    assert records["full"]["stage2"]["schedule"].startswith("fine_tune")
     assert "stage2" not in records["no_lm_finetuning"]
     assert records["no_discriminative"]["stage3"]["training"]["discriminative_lr_factor"] == 1.0
     assert records["last_layer"]["stage3"]["training"]["unfreeze_schedule"] == "0:1"
