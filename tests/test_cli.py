@@ -135,3 +135,18 @@ def test_a_command_that_succeeded_leaves_the_process_group(tmp_path):
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _initial_rates(stage_folder: Path) -> list[float]:
+    """Each layer group's peak rate, bottom to top, from the optimizer the stage's last checkpoint saved."""
+    (checkpoint,) = (stage_folder / "checkpoints").glob("checkpoint-*")
+    groups = torch.load(checkpoint / "optimizer.pt", weights_only=False)["param_groups"]
+    return [rate for _, rate in sorted({(g["layer_group"], g["initial_lr"]) for g in groups})]
+
+
+def test_pretraining_from_scratch_trains_every_layer_at_one_rate(demo_run):
+    """Discriminative rates protect pretrained layers: stage 1 has none, so its LSTMs must not train 2.6^k slower."""
+    pretrain = _initial_rates(demo_run / "pretrain")
+    assert len(pretrain) == 4 and pretrain == pytest.approx([pretrain[-1]] * 4)
+    finetune = _initial_rates(demo_run / "finetune_lm")
+    assert finetune == pytest.approx([finetune[-1] / 2.6**k for k in (3, 2, 1, 0)])

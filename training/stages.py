@@ -90,7 +90,9 @@ def build_tokenizer(spec: TokenizerSpec, dataset, text_column: str) -> PreTraine
     return train_subword_tokenizer(dataset, vocab_size=spec.vocab_size, model=spec.subword_model, text_column=text_column)
 
 
-def _training_arguments(recipe: Recipe, spec: StageSpec, folder: Path, overrides: dict) -> ULMFiTTrainingArguments:
+def _training_arguments(
+    recipe: Recipe, spec: StageSpec, folder: Path, overrides: dict, from_scratch: bool
+) -> ULMFiTTrainingArguments:
     values = dict(
         output_dir=str(folder / "checkpoints"),
         seed=recipe.seed,
@@ -105,6 +107,8 @@ def _training_arguments(recipe: Recipe, spec: StageSpec, folder: Path, overrides
     )
     values.update(spec.training)
     values.update(overrides)
+    if from_scratch:  # discriminative rates protect pretrained layers; random ones all train at the full rate
+        values.setdefault("discriminative_lr_factor", 1.0)
     # Evaluation keeps no graph: twice the training batch fits, as fastai does.
     values.setdefault("per_device_eval_batch_size", 2 * values.get("per_device_train_batch_size", 8))
     return ULMFiTTrainingArguments(**values)
@@ -129,7 +133,7 @@ def run_stage(
         raise ValueError(f"Stage {stage_name!r} needs a parent: set `stages.{stage_name}.parent` or pass --parent.")
     started = time.time()
     is_classifier = stage_name == "classifier"
-    args = _training_arguments(recipe, spec, folder, training_overrides or {})
+    args = _training_arguments(recipe, spec, folder, training_overrides or {}, from_scratch=parent_path is None)
     # Under several processes the main one reads, tokenizes and caches first; the others reuse its caches.
     with args.main_process_first(desc=f"{stage_name}: preparing data"):
         tokenizer, train, evaluation = _prepare_data(spec, parent_path, recipe.seed, is_classifier, recipe)

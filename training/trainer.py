@@ -80,7 +80,10 @@ class ULMFiTTrainingArguments(TrainingArguments):
     # Discriminative fine-tuning
     discriminative_lr_factor: float = field(
         default=2.6,
-        metadata={"help": "Each layer group trains at the rate of the group above divided by this (ULMFiT: 2.6)."},
+        metadata={
+            "help": "Each layer group trains at the rate of the group above divided by this (ULMFiT: 2.6). A recipe's "
+            "stage from random weights defaults to 1.0."
+        },
     )
     discriminative_lr_min: float | None = field(
         default=None,
