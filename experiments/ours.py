@@ -26,6 +26,19 @@ from training.trainer import ULMFiTTrainer, ULMFiTTrainingArguments
 from .settings import TaskSettings
 
 LOGGING_STEPS = 0.05  # a training-loss point every 5% of the steps
+# Stage-2 schedules (the paper's Table 6): a record's name for each, and the training arguments it sets.
+# "fine_tune" is the recipe both implementations run: fastai's `fine_tune(lm_epochs, lm_lr)`, one frozen epoch, then
+# every layer with the LSTMs at 1/100-1/4.6 of the top rate. The others train every layer from the start, no frozen
+# epoch: "one_rate" at one rate along a one-cycle (the paper's "Full"); "discr" with discriminative rates (2.6 between
+# layer groups, "Full + discr"); "discr_stlr" with those rates along STLR ("Full + discr + stlr", the paper's choice).
+LM_SCHEDULES = {
+    "fine_tune": ("fine_tune({lm_epochs}, {lr})", dict(ulmfit_schedule="fine_tune", fine_tune_freeze_epochs=1)),
+    "one_rate": ("one_cycle({epochs}, {lr})", dict(ulmfit_schedule="one_cycle", discriminative_lr_factor=1.0)),
+    "discr": ("one_cycle({epochs}, {lr}) with discriminative rates (2.6)",
+              dict(ulmfit_schedule="one_cycle", discriminative_lr_factor=2.6)),
+    "discr_stlr": ("stlr({epochs}, {lr}) with discriminative rates (2.6)",
+                   dict(ulmfit_schedule="stlr", discriminative_lr_factor=2.6)),
+}
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -59,6 +72,14 @@ def training_arguments(folder: Path, seed: int, precision: str, **values) -> ULM
     )
 
 
+def training_record(args: ULMFiTTrainingArguments) -> dict:
+    """The arguments that shape a run's rates, for its result file."""
+    return {name: getattr(args, name) for name in (
+        "learning_rate", "ulmfit_schedule", "unfreeze_schedule", "discriminative_lr_factor", "stlr_cut_frac",
+        "stlr_ratio", "warmup_steps", "adam_beta1", "adam_beta2", "adam_epsilon", "weight_decay",
+        "per_device_train_batch_size")}
+
+
 def loss_curve(log_history: list[dict]) -> list[list[float]]:
     return [[entry["step"], round(entry["loss"], 5)] for entry in log_history if "loss" in entry and "step" in entry]
 
@@ -86,16 +107,17 @@ def predict_probabilities(trainer: ULMFiTTrainer, dataset: datasets.Dataset) -> 
 # ----------------------------------------------------------------------------------------------------------------------
 def finetune_lm(
     lm_texts: list[str], lm_is_valid: list[bool], settings: TaskSettings, parent: Path, folder: Path,
-    random_init: bool = False, one_rate: bool = False,
+    random_init: bool = False, schedule: str = "fine_tune",
 ) -> dict:
-    """fastai's `fine_tune(lm_epochs, lm_lr)` from `parent` (a stage-1 folder), after moving it to the task's
-    vocabulary (fastai's rule over `lm_texts`, every row counted as fastai counts them; `match_embeds` transfer).
+    """Stage 2 from `parent` (a stage-1 folder), after moving it to the task's vocabulary (fastai's rule over
+    `lm_texts`, every row counted as fastai counts them; `match_embeds` transfer), along one of `LM_SCHEDULES`.
 
-    `one_rate` trains every layer from the start with one rate along a one-cycle instead: no frozen epoch, no lower
-    rates for the lower layers (the paper's "Full" LM fine-tuning). `random_init` starts from random weights of the
-    same shape (the "no pretraining" ablation), with that one-rate schedule, as nothing is pretrained to protect.
-    Saves the model and tokenizer in `folder` and returns the stage's record.
+    `random_init` starts from random weights of the same shape (the "no pretraining" ablation); it takes the
+    "one_rate" schedule, as nothing is pretrained to protect. Saves the model and tokenizer in `folder` and returns
+    the stage's record.
     """
+    if schedule not in LM_SCHEDULES:
+        raise ValueError(f"unknown stage-2 schedule {schedule!r}; choose from {', '.join(LM_SCHEDULES)}")
     started = time.time()
     set_seed(0)
     tokenizer = train_fastai_tokenizer(lm_texts, max_vocab=settings.max_vocab, min_freq=settings.min_freq)
@@ -104,22 +126,19 @@ def finetune_lm(
     if random_init:
         set_seed(0)
         model = AwdLstmForCausalLM(model.config)
+        schedule = "one_rate"
+    name, arguments = LM_SCHEDULES[schedule]
+    schedule_name = name.format(epochs=settings.lm_total_epochs, lm_epochs=settings.lm_epochs, lr=settings.lm_lr)
+    schedule_name += " from random weights" if random_init else ""
     bptt, backwards = model.config.bptt, model.config.backwards
     train_texts = [text for text, valid in zip(lm_texts, lm_is_valid) if not valid]
     valid_texts = [text for text, valid in zip(lm_texts, lm_is_valid) if valid]
     corpus, valid = lm_corpus(train_texts, tokenizer, backwards), lm_corpus(valid_texts, tokenizer, backwards)
-    if random_init or one_rate:
-        schedule = dict(ulmfit_schedule="one_cycle", discriminative_lr_factor=1.0)
-        schedule_name = f"one_cycle({settings.lm_total_epochs}, {settings.lm_lr})"
-        schedule_name += " from random weights" if random_init else ""
-    else:
-        schedule = dict(ulmfit_schedule="fine_tune", fine_tune_freeze_epochs=1)
-        schedule_name = f"fine_tune({settings.lm_epochs}, {settings.lm_lr})"
     args = training_arguments(
         folder, seed=0, precision=settings.precision, num_train_epochs=settings.lm_total_epochs,
         learning_rate=settings.lm_lr, per_device_train_batch_size=settings.lm_batch_size,
         per_device_eval_batch_size=settings.lm_batch_size,  # fastai validates with the training batch size
-        lm_bptt=bptt, eval_strategy="epoch", **schedule,
+        lm_bptt=bptt, eval_strategy="epoch", **arguments,
     )
     trainer = ULMFiTTrainer(model=model, args=args, train_dataset=corpus, eval_dataset=valid,
                             processing_class=tokenizer)
@@ -139,6 +158,7 @@ def finetune_lm(
         "vocab_size": len(tokenizer),
         "epochs": settings.lm_total_epochs,
         "schedule": schedule_name,
+        "training": training_record(args),
         "backwards": backwards,
         "curve": loss_curve(trainer.state.log_history),
     }
@@ -204,10 +224,7 @@ def train_classifier(
         "tokens_per_second": trainer.state.num_input_tokens_seen / max(train_seconds, 1e-9),
         "steps": trainer.state.global_step,
         "epochs": settings.clas_epochs,
-        "training": {name: getattr(args, name) for name in (
-            "learning_rate", "ulmfit_schedule", "unfreeze_schedule", "discriminative_lr_factor", "stlr_cut_frac",
-            "stlr_ratio", "warmup_steps", "adam_beta1", "adam_beta2", "adam_epsilon", "weight_decay",
-            "per_device_train_batch_size")},
+        "training": training_record(args),
         "random_init": random_init,
         "backwards": backwards,
         "curve": loss_curve(trainer.state.log_history),

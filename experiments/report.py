@@ -16,7 +16,8 @@ from .run import ABLATIONS, REPO_ROOT  # noqa: E402
 from .settings import PAPER_ERRORS  # noqa: E402
 
 TASK_NAMES = {"trec6": "TREC-6", "imdb": "IMDb"}
-LOWSHOT_NAMES = {"ulmfit": "ULMFiT (ours)", "ulmfit_no_unfreezing": "ULMFiT, no unfreezing",
+LOWSHOT_NAMES = {"ulmfit": "ULMFiT (ours)", "ulmfit_lm_one_rate": "ULMFiT, stage 2 at one rate",
+                 "ulmfit_no_unfreezing": "ULMFiT, no unfreezing",
                  "ulmfit_one_rate": "ULMFiT, one rate, no unfreezing",
                  "scratch": "from scratch", "tfidf": "TF-IDF + LR"}
 
@@ -203,12 +204,14 @@ def _ablations_section(task: str, records: list[dict]) -> list[str]:
     by_variant = defaultdict(list)
     for record in records:
         by_variant[record["variant"]].append(record)
-    lines = [f"### {TASK_NAMES[task]}", "", "| variant | what changes | test error % | stage 3 per seed (s) |",
-             "|---|---|---|---|"]
+    lines = [f"### {TASK_NAMES[task]}", "", "| variant | what changes | test error % | stage-2 perplexity "
+             "| stage 3 per seed (s) |", "|---|---|---|---|---|"]
     for variant, (description, _) in ABLATIONS.items():
         runs = by_variant.get(variant, [])
         seconds = [r["stage3"]["seconds"] for r in runs if "stage3" in r]
-        lines.append(f"| {variant} | {description} | {_mean_std([r['test_error'] for r in runs])} | {_mean(seconds)} |")
+        perplexity = {f"{r['stage2']['valid_perplexity']:.1f}" for r in runs if "stage2" in r}  # one shared stage 2
+        lines.append(f"| {variant} | {description} | {_mean_std([r['test_error'] for r in runs])} | "
+                     f"{' / '.join(sorted(perplexity)) or '–'} | {_mean(seconds)} |")
     return lines + [""]
 
 

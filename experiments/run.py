@@ -46,6 +46,10 @@ ABLATIONS = {
     "no_lm_finetuning": ("no stage 2: the classifier straight from stage 1 (its vocabulary)", {}),
     "lm_one_rate": ("stage 2 at one rate for every layer along a one-cycle (no frozen epoch, no discriminative "
                     "rates), then the full recipe", {}),
+    "lm_discr": ("stage 2 with discriminative rates (2.6) along a one-cycle, every layer from the start, then the "
+                 "full recipe", {}),
+    "lm_discr_stlr": ("stage 2 with discriminative rates (2.6) along STLR, every layer from the start (the paper's "
+                      "stage 2), then the full recipe", {}),
     "no_discriminative": ("full fine-tuning: one rate for every layer group (factor 1), no unfreezing, STLR",
                           {"discriminative_lr_factor": 1.0, "unfreeze_schedule": None}),
     "no_gradual_unfreezing": ("discriminative rates (2.6) and STLR, every layer group trained from the start",
@@ -60,18 +64,21 @@ ABLATIONS = {
 }
 LOWSHOT_METHODS = {
     "ulmfit": "ULMFiT (ours): the IMDb stage-2 LM of `compare`, full recipe",
-    "ulmfit_no_unfreezing": "ULMFiT (ours) from the same LM, discriminative rates and STLR, every layer group trained "
-                            "from the start (no gradual unfreezing)",
-    "ulmfit_one_rate": "ULMFiT (ours) from the same LM, one rate for every layer and no gradual unfreezing",
+    "ulmfit_lm_one_rate": "ULMFiT (ours), full recipe, from the stage-2 LM trained at one rate (`lm_one_rate`)",
+    "ulmfit_no_unfreezing": "ULMFiT (ours) from the LM of `compare`, discriminative rates and STLR, every layer group "
+                            "trained from the start (no gradual unfreezing)",
+    "ulmfit_one_rate": "ULMFiT (ours) from the LM of `compare`, one rate for every layer and no gradual unfreezing",
     "scratch": "the same classifier from random weights (no stages 1-2), one rate for every layer (its own), STLR",
     "tfidf": "TF-IDF (word 1-2 grams) + logistic regression, C by 5-fold cross-validation",
 }
-# What each low-shot method that fine-tunes the stage-2 LM changes in the recipe (the ablations' arguments).
+# What each low-shot method that trains a classifier starts from (a stage-2 kind, see `Experiment.stage2`; "scratch"
+# takes only that LM's shape and vocabulary) and changes in the recipe (the ablations' arguments).
 LOWSHOT_RECIPES = {
-    "ulmfit": None,
-    "ulmfit_no_unfreezing": ABLATIONS["no_gradual_unfreezing"][1],
-    "ulmfit_one_rate": ABLATIONS["no_discriminative"][1],
-    "scratch": ABLATIONS["no_discriminative"][1],
+    "ulmfit": ("ours", None),
+    "ulmfit_lm_one_rate": ("ours_one_rate", None),
+    "ulmfit_no_unfreezing": ("ours", ABLATIONS["no_gradual_unfreezing"][1]),
+    "ulmfit_one_rate": ("ours", ABLATIONS["no_discriminative"][1]),
+    "scratch": ("ours", ABLATIONS["no_discriminative"][1]),
 }
 
 
@@ -209,8 +216,8 @@ class Experiment:
         return self.data.train_texts, self.data.train_labels
 
     def stage2(self, kind: str, parent: Path | None = None) -> tuple[Path, dict]:
-        """The stage-2 LM of `kind` ("ours", "fastai", "ours_scratch", "ours_one_rate", "ours_backward"), trained
-        once and reused."""
+        """The stage-2 LM of `kind` ("ours", "fastai", "ours_scratch", "ours_backward", or "ours_" and one of
+        `LM_SCHEDULES`), trained once and reused."""
         parent = parent or self.args.stage1
         folder = self.task_dir / f"{kind}-{signature(_model_identity(parent))}" / "finetune_lm"
         if (folder / STAGE2_FILE).is_file():
@@ -230,8 +237,9 @@ class Experiment:
         else:
             from . import ours
 
+            schedule = kind.removeprefix("ours_") if kind.removeprefix("ours_") in ours.LM_SCHEDULES else "fine_tune"
             record = ours.finetune_lm(data.lm_texts, data.lm_is_valid, settings, parent, folder,
-                                      random_init=kind == "ours_scratch", one_rate=kind == "ours_one_rate")
+                                      random_init=kind == "ours_scratch", schedule=schedule)
         record.update(kind=kind, parent=str(parent), seed=0, folder=str(folder), finished=now())
         write_json(folder / STAGE2_FILE, record)
         tqdm.write(f"{settings.task} stage 2 ({kind}): validation perplexity {record['valid_perplexity']:.1f} "
@@ -337,7 +345,6 @@ def command_lowshot(args: argparse.Namespace) -> int:
     min_steps = LOWSHOT_MIN_STEPS[args.quick] if args.min_steps is None else args.min_steps
     tqdm.write(f"lowshot: IMDb with {counts} labels, {len(experiment.test[0])} test reviews, seeds {args.seeds}; "
                "each seed draws its own balanced labels. ULMFiT starts from the IMDb stage-2 LM of `compare`.")
-    folder, stage2_record = experiment.stage2("ours")
     plan = [(n, seed, method) for n in counts for seed in args.seeds for method in args.methods]
     for n, seed, method in tqdm(plan, desc="lowshot", unit="run"):
         scratch = method == "scratch"
@@ -349,9 +356,11 @@ def command_lowshot(args: argparse.Namespace) -> int:
             if method == "tfidf":
                 baseline = tfidf_logreg(labelled, experiment.test, seed)
                 return {"test_accuracy": baseline["test_accuracy"], "baseline": baseline}
+            kind, recipe = LOWSHOT_RECIPES[method]
+            folder, stage2_record = experiment.stage2(kind)
             stage3 = train_classifier(folder, labelled, experiment.test, data.label_names, run_settings, seed,
                                       folder.parent / f"lowshot_{method}_n{n}_seed{seed}", random_init=scratch,
-                                      recipe=LOWSHOT_RECIPES[method])
+                                      recipe=recipe)
             record = {"test_accuracy": stage3["test_accuracy"], "stage3": stage3}
             if not scratch:
                 record["stage2"] = _shared(stage2_record)
@@ -393,8 +402,8 @@ def command_ablations(args: argparse.Namespace) -> int:
             return args.stage1, None
         if variant == "no_pretraining":
             return experiment.stage2("ours_scratch")
-        if variant == "lm_one_rate":
-            return experiment.stage2("ours_one_rate")
+        if variant.startswith("lm_"):  # lm_one_rate, lm_discr, lm_discr_stlr: the stage-2 schedule of that name
+            return experiment.stage2("ours_" + variant.removeprefix("lm_"))
         if variant == "backward":
             if not AwdLstmConfig.from_pretrained(backward_stage1).backwards:
                 raise ValueError(f"{backward_stage1} reads text forwards: pass a backward stage 1 (model.backwards).")

@@ -16,7 +16,7 @@ import torch
 from conftest import DEMO_DATA
 from torch import nn
 
-from experiments.run import ABLATIONS, main
+from experiments.run import ABLATIONS, LOWSHOT_METHODS, main
 from modeling_awd_lstm import AwdLstmConfig, AwdLstmForCausalLM, cpu_has_bf16_kernels
 from training.tokenizer_training import train_fastai_tokenizer
 
@@ -135,7 +135,7 @@ def test_compare_runs_both_implementations_from_one_stage2_per_side(compared):
 
 def test_lowshot_runs_ulmfit_scratch_and_tfidf(lowshot):
     for n in (10, 20):
-        for method in ("ulmfit", "ulmfit_no_unfreezing", "ulmfit_one_rate", "scratch", "tfidf"):
+        for method in LOWSHOT_METHODS:
             record = _result(lowshot, "lowshot", f"{method}_n{n}", 0)
             assert record["labels"] == n and record["method"] == method and record["n_test"] == 40
             assert 0 <= record["test_accuracy"] <= 1
@@ -159,6 +159,10 @@ def test_lowshot_runs_ulmfit_scratch_and_tfidf(lowshot):
     assert all_layers["stage3"]["training"]["discriminative_lr_factor"] == 2.6
     assert all_layers["stage3"]["training"]["unfreeze_schedule"] is None
     assert ulmfit["stage3"]["training"]["unfreeze_schedule"] == "gradual"
+    lm_one_rate = _result(lowshot, "lowshot", "ulmfit_lm_one_rate_n20", 0)
+    assert lm_one_rate["stage2"]["kind"] == "ours_one_rate"
+    assert lm_one_rate["stage2"]["parent"] == ulmfit["stage2"]["parent"]
+    assert lm_one_rate["stage3"]["training"] == ulmfit["stage3"]["training"]
     scratch = _result(lowshot, "lowshot", "scratch_n20", 0)
     assert scratch["stage3"]["training"]["learning_rate"] == 2e-3 != ulmfit["stage3"]["training"]["learning_rate"]
 
@@ -169,10 +173,15 @@ def test_ablations_run_every_variant_with_a_backward_stage1(ablations):
     assert records["backward"]["stage3"]["backwards"] and records["backward"]["stage2"]["backwards"]
     assert not records["no_pretraining"]["stage3"]["backwards"]
     assert records["no_pretraining"]["stage2"]["schedule"].startswith("one_cycle")
-    one_rate_lm = records["lm_one_rate"]["stage2"]
-    assert one_rate_lm["schedule"].startswith("one_cycle") and "random" not in one_rate_lm["schedule"]
-    assert one_rate_lm["kind"] == "ours_one_rate" and one_rate_lm["parent"] == records["full"]["stage2"]["parent"]
+    assert "random" not in records["lm_one_rate"]["stage2"]["schedule"]
     assert records["full"]["stage2"]["schedule"].startswith("fine_tune")
+    for variant, schedule, factor in (("lm_one_rate", "one_cycle", 1.0), ("lm_discr", "one_cycle", 2.6),
+                                      ("lm_discr_stlr", "stlr", 2.6)):
+        stage2 = records[variant]["stage2"]
+        assert stage2["kind"] == f"ours_{variant[3:]}" and stage2["parent"] == records["full"]["stage2"]["parent"]
+        assert stage2["training"]["ulmfit_schedule"] == schedule and stage2["schedule"].startswith(schedule)
+        assert stage2["training"]["discriminative_lr_factor"] == factor
+        assert stage2["training"]["unfreeze_schedule"] is None
     assert "stage2" not in records["no_lm_finetuning"]
     assert records["no_discriminative"]["stage3"]["training"]["discriminative_lr_factor"] == 1.0
     assert records["last_layer"]["stage3"]["training"]["unfreeze_schedule"] == "0:1"
@@ -191,6 +200,7 @@ def test_report_writes_results_md_and_plots(compared, lowshot, ablations, tmp_pa
         assert heading in text, heading
     assert "3.6% test error" in text and "4.6% test error" in text and "--quick" in text
     assert "| fastai | " in text and "| ours | " in text and "| backward | " in text
+    assert "| test error % | stage-2 perplexity |" in text and "| lm_discr_stlr | " in text
     assert "python -m experiments.run ablations --quick" in text
     assert f"from the result files of `{compared.results.resolve()}/`" in text  # the folder it read, not a fixed one
     assert "Classifier epochs (steps) by labels: 10: 4 (4), 20: 2 (4)." in text
