@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from training.recipes import RecipeError, available_recipes, load_recipe
-from training.stages import _provenance
+from training.stages import _provenance, _training_arguments
 from training.trainer import ULMFiTTrainingArguments
 
 TRAINING_FIELDS = {f.name for f in dataclasses.fields(ULMFiTTrainingArguments)}
@@ -95,3 +95,12 @@ def test_unknown_recipe_name_lists_the_shipped_ones():
 def test_bad_override_syntax():
     with pytest.raises(RecipeError, match="dotted.key=value"):
         load_recipe("demo", overrides=["model.emb_size"])
+
+
+@pytest.mark.parametrize("name", ["paper_imdb", "trec6"])
+def test_paper_recipes_fine_tune_the_lm_as_the_paper_does(name, tmp_path):
+    """Stage 2 trains every layer from the start, each group 2.6 times slower than the one above, along STLR."""
+    recipe = load_recipe(name)
+    args = _training_arguments(recipe, recipe.stages["finetune_lm"], tmp_path, {}, from_scratch=False)
+    assert (args.ulmfit_schedule, args.discriminative_lr_factor, args.learning_rate) == ("stlr", 2.6, 4e-3)
+    assert args.unfreeze_schedule is None
