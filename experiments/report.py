@@ -17,6 +17,7 @@ from .settings import PAPER_ERRORS  # noqa: E402
 
 TASK_NAMES = {"trec6": "TREC-6", "imdb": "IMDb"}
 LOWSHOT_NAMES = {"ulmfit": "ULMFiT (ours)", "ulmfit_lm_one_rate": "ULMFiT, stage 2 at one rate",
+                 "ulmfit_scratch_schedule": "stage 2 at one rate, scratch's classifier schedule",
                  "ulmfit_no_unfreezing": "ULMFiT, no unfreezing",
                  "ulmfit_one_rate": "ULMFiT, one rate, no unfreezing",
                  "scratch": "from scratch", "tfidf": "TF-IDF + LR"}

@@ -13,6 +13,7 @@ settings that decide it. `--quick` shrinks everything for a smoke test; its numb
 """
 
 import argparse
+import dataclasses
 import shlex
 import sys
 from pathlib import Path
@@ -65,20 +66,33 @@ ABLATIONS = {
 LOWSHOT_METHODS = {
     "ulmfit": "ULMFiT (ours): the IMDb stage-2 LM of `compare`, full recipe",
     "ulmfit_lm_one_rate": "ULMFiT (ours), full recipe, from the stage-2 LM trained at one rate (`lm_one_rate`)",
+    "ulmfit_scratch_schedule": "the one-rate stage-2 LM with the from-scratch classifier's schedule (one rate at its "
+                               "own peak, no unfreezing, STLR): what stages 1-2 add to `scratch`, and nothing else",
     "ulmfit_no_unfreezing": "ULMFiT (ours) from the LM of `compare`, discriminative rates and STLR, every layer group "
                             "trained from the start (no gradual unfreezing)",
     "ulmfit_one_rate": "ULMFiT (ours) from the LM of `compare`, one rate for every layer and no gradual unfreezing",
     "scratch": "the same classifier from random weights (no stages 1-2), one rate for every layer (its own), STLR",
     "tfidf": "TF-IDF (word 1-2 grams) + logistic regression, C by 5-fold cross-validation",
 }
-# What each low-shot method that trains a classifier starts from (a stage-2 kind, see `Experiment.stage2`; "scratch"
-# takes only that LM's shape and vocabulary) and changes in the recipe (the ablations' arguments).
+
+
+@dataclasses.dataclass(frozen=True)
+class LowshotRecipe:
+    """How a low-shot method that trains a classifier differs from the full recipe."""
+
+    stage2: str  # the stage-2 LM it starts from (a kind, see `Experiment.stage2`)
+    recipe: dict | None = None  # what it changes in the classifier's training arguments (the ablations')
+    random_init: bool = False  # only the LM's shape and vocabulary are kept
+    scratch_lr: bool = False  # the from-scratch classifier's peak rate (`--scratch-lr`) instead of `--clas-lr`
+
+
 LOWSHOT_RECIPES = {
-    "ulmfit": ("ours", None),
-    "ulmfit_lm_one_rate": ("ours_one_rate", None),
-    "ulmfit_no_unfreezing": ("ours", ABLATIONS["no_gradual_unfreezing"][1]),
-    "ulmfit_one_rate": ("ours", ABLATIONS["no_discriminative"][1]),
-    "scratch": ("ours", ABLATIONS["no_discriminative"][1]),
+    "ulmfit": LowshotRecipe("ours"),
+    "ulmfit_lm_one_rate": LowshotRecipe("ours_one_rate"),
+    "ulmfit_scratch_schedule": LowshotRecipe("ours_one_rate", ABLATIONS["no_discriminative"][1], scratch_lr=True),
+    "ulmfit_no_unfreezing": LowshotRecipe("ours", ABLATIONS["no_gradual_unfreezing"][1]),
+    "ulmfit_one_rate": LowshotRecipe("ours", ABLATIONS["no_discriminative"][1]),
+    "scratch": LowshotRecipe("ours", ABLATIONS["no_discriminative"][1], random_init=True, scratch_lr=True),
 }
 
 
@@ -347,22 +361,21 @@ def command_lowshot(args: argparse.Namespace) -> int:
                "each seed draws its own balanced labels. ULMFiT starts from the IMDb stage-2 LM of `compare`.")
     plan = [(n, seed, method) for n in counts for seed in args.seeds for method in args.methods]
     for n, seed, method in tqdm(plan, desc="lowshot", unit="run"):
-        scratch = method == "scratch"
-        run_settings = settings if method == "tfidf" else lowshot_settings(settings, n, scratch, min_steps,
-                                                                           args.scratch_lr)
+        how = LOWSHOT_RECIPES.get(method)
+        run_settings = settings if how is None else lowshot_settings(settings, n, how.scratch_lr, min_steps,
+                                                                     args.scratch_lr)
 
-        def train(n=n, seed=seed, method=method, scratch=scratch, run_settings=run_settings):
+        def train(n=n, seed=seed, method=method, how=how, run_settings=run_settings):
             labelled = imdb_lowshot_train(args.data_dir, n, seed)
-            if method == "tfidf":
+            if how is None:
                 baseline = tfidf_logreg(labelled, experiment.test, seed)
                 return {"test_accuracy": baseline["test_accuracy"], "baseline": baseline}
-            kind, recipe = LOWSHOT_RECIPES[method]
-            folder, stage2_record = experiment.stage2(kind)
+            folder, stage2_record = experiment.stage2(how.stage2)
             stage3 = train_classifier(folder, labelled, experiment.test, data.label_names, run_settings, seed,
-                                      folder.parent / f"lowshot_{method}_n{n}_seed{seed}", random_init=scratch,
-                                      recipe=recipe)
+                                      folder.parent / f"lowshot_{method}_n{n}_seed{seed}", random_init=how.random_init,
+                                      recipe=how.recipe)
             record = {"test_accuracy": stage3["test_accuracy"], "stage3": stage3}
-            if not scratch:
+            if not how.random_init:
                 record["stage2"] = _shared(stage2_record)
             return record
 

@@ -86,13 +86,14 @@ LOWSHOT_MIN_STEPS = {False: 150, True: 4}
 LOWSHOT_SCRATCH_LR = 2e-3
 
 
-def lowshot_settings(settings: TaskSettings, labels: int, scratch: bool, min_steps: int, scratch_lr: float
+def lowshot_settings(settings: TaskSettings, labels: int, use_scratch_lr: bool, min_steps: int, scratch_lr: float
                      ) -> TaskSettings:
-    """`settings` for one low-shot classifier: enough epochs for `min_steps` steps, and the scratch rate."""
+    """`settings` for one low-shot classifier: enough epochs for `min_steps` steps, and the from-scratch classifier's
+    peak rate where `use_scratch_lr`."""
     batch_size = min(settings.clas_batch_size, labels)
     steps_per_epoch = labels // batch_size  # the last partial batch is dropped, as fastai does
     epochs = max(settings.clas_epochs, -(-min_steps // steps_per_epoch))
-    return dataclasses.replace(settings, clas_epochs=epochs, clas_lr=scratch_lr if scratch else settings.clas_lr)
+    return dataclasses.replace(settings, clas_epochs=epochs, clas_lr=scratch_lr if use_scratch_lr else settings.clas_lr)
 
 
 def task_settings(task: str, quick: bool, **overrides) -> TaskSettings:

@@ -165,6 +165,11 @@ def test_lowshot_runs_ulmfit_scratch_and_tfidf(lowshot):
     assert lm_one_rate["stage3"]["training"] == ulmfit["stage3"]["training"]
     scratch = _result(lowshot, "lowshot", "scratch_n20", 0)
     assert scratch["stage3"]["training"]["learning_rate"] == 2e-3 != ulmfit["stage3"]["training"]["learning_rate"]
+    # The pretrained twin of `scratch`: the one-rate LM, trained exactly as the classifier from random weights.
+    twin = _result(lowshot, "lowshot", "ulmfit_scratch_schedule_n20", 0)
+    assert not twin["stage3"]["random_init"] and twin["stage2"] == lm_one_rate["stage2"]
+    assert twin["stage3"]["training"] == scratch["stage3"]["training"]
+    assert "stage2" not in scratch
 
 
 def test_ablations_run_every_variant_with_a_backward_stage1(ablations):
