@@ -92,7 +92,7 @@ LOWSHOT_RECIPES = {
     "ulmfit_scratch_schedule": LowshotRecipe("ours_one_rate", ABLATIONS["no_discriminative"][1], scratch_lr=True),
     "ulmfit_no_unfreezing": LowshotRecipe("ours", ABLATIONS["no_gradual_unfreezing"][1]),
     "ulmfit_one_rate": LowshotRecipe("ours", ABLATIONS["no_discriminative"][1]),
-    "scratch": LowshotRecipe("ours", ABLATIONS["no_discriminative"][1], random_init=True, scratch_lr=True),
+    "scratch": LowshotRecipe("ours_one_rate", ABLATIONS["no_discriminative"][1], random_init=True, scratch_lr=True),
 }
 
 
