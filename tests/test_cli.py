@@ -146,12 +146,13 @@ def _initial_rates(stage_folder: Path) -> list[float]:
 
 def test_pretraining_from_scratch_trains_every_layer_at_one_rate(demo_run, tmp_path):
     """Discriminative rates protect pretrained layers: stage 1 has none, so by default its LSTMs do not train 2.6^k
-    slower. A recipe may still set the factor (the demo's stage 1 does); a fine-tuning stage keeps 2.6."""
+    slower. A recipe may still set the factor: the demo's stage 1 pins 2.6, its stage 2 one rate (a fine-tuning
+    stage that sets nothing keeps 2.6: `test_paper_recipes_fine_tune_the_lm_as_the_paper_does`)."""
     unpinned = "{num_train_epochs: 1, learning_rate: 0.01, per_device_train_batch_size: 32, ulmfit_schedule: one_cycle}"
     assert main(["pretrain", "demo", "--output-dir", str(tmp_path), *SMALL,
                  "--set", f"stages.pretrain.training={unpinned}", "--training", "max_steps=2"]) == 0
     pretrain = _initial_rates(tmp_path / "pretrain")
     assert len(pretrain) == 4 and pretrain == pytest.approx([0.01] * 4)
-    for stage in ("pretrain", "finetune_lm"):
-        rates = _initial_rates(demo_run / stage)
-        assert rates == pytest.approx([rates[-1] / 2.6**k for k in (3, 2, 1, 0)])
+    rates = _initial_rates(demo_run / "pretrain")
+    assert rates == pytest.approx([rates[-1] / 2.6**k for k in (3, 2, 1, 0)])
+    assert _initial_rates(demo_run / "finetune_lm") == pytest.approx([0.01] * 4)
