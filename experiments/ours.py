@@ -200,12 +200,12 @@ def train_classifier(
     test_data = classification_data(*test, label_names, tokenizer, settings.max_tokens)
     values = dict(
         ulmfit_schedule="stlr", unfreeze_schedule="gradual", discriminative_lr_factor=settings.discriminative_factor,
-        stlr_cut_frac=settings.stlr_cut_frac, stlr_ratio=settings.stlr_ratio,
+        stlr_cut_frac=settings.stlr_cut_frac, stlr_ratio=settings.stlr_ratio, learning_rate=settings.clas_lr,
     )
     values.update(recipe or {})
     args = training_arguments(
         folder, seed=seed, precision=settings.precision, num_train_epochs=settings.clas_epochs,
-        learning_rate=settings.clas_lr, per_device_train_batch_size=min(settings.clas_batch_size, len(train[0])),
+        per_device_train_batch_size=min(settings.clas_batch_size, len(train[0])),
         per_device_eval_batch_size=2 * settings.clas_batch_size,
         dataloader_drop_last=True,  # fastai drops the last partial training batch
         eval_strategy="no", **values,

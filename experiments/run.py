@@ -51,6 +51,10 @@ ABLATIONS = {
                  "full recipe", {}),
     "lm_discr_stlr": ("stage 2 with discriminative rates (2.6) along STLR, every layer from the start (the paper's "
                       "stage 2), then the full recipe", {}),
+    "lm_one_rate_gentle": ("stage 2 as lm_one_rate, then the classifier at one gentle rate (the from-scratch "
+                           f"classifier's {LOWSHOT_SCRATCH_LR:g}) for every layer, no unfreezing, STLR",
+                           {"discriminative_lr_factor": 1.0, "unfreeze_schedule": None,
+                            "learning_rate": LOWSHOT_SCRATCH_LR}),
     "no_discriminative": ("full fine-tuning: one rate for every layer group (factor 1), no unfreezing, STLR",
                           {"discriminative_lr_factor": 1.0, "unfreeze_schedule": None}),
     "no_gradual_unfreezing": ("discriminative rates (2.6) and STLR, every layer group trained from the start",
@@ -415,6 +419,8 @@ def command_ablations(args: argparse.Namespace) -> int:
             return args.stage1, None
         if variant == "no_pretraining":
             return experiment.stage2("ours_scratch")
+        if variant == "lm_one_rate_gentle":
+            return experiment.stage2("ours_one_rate")
         if variant.startswith("lm_"):  # lm_one_rate, lm_discr, lm_discr_stlr: the stage-2 schedule of that name
             return experiment.stage2("ours_" + variant.removeprefix("lm_"))
         if variant == "backward":

@@ -179,6 +179,10 @@ def test_ablations_run_every_variant_with_a_backward_stage1(ablations):
     assert not records["no_pretraining"]["stage3"]["backwards"]
     assert records["no_pretraining"]["stage2"]["schedule"].startswith("one_cycle")
     assert "random" not in records["lm_one_rate"]["stage2"]["schedule"]
+    gentle = records["lm_one_rate_gentle"]
+    assert gentle["stage2"] == records["lm_one_rate"]["stage2"]
+    assert gentle["stage3"]["training"]["learning_rate"] == 2e-3 != records["full"]["stage3"]["training"]["learning_rate"]
+    assert gentle["stage3"]["training"]["discriminative_lr_factor"] == 1.0
     assert records["full"]["stage2"]["schedule"].startswith("fine_tune")
     for variant, schedule, factor in (("lm_one_rate", "one_cycle", 1.0), ("lm_discr", "one_cycle", 2.6),
                                       ("lm_discr_stlr", "stlr", 2.6)):
