@@ -40,6 +40,8 @@ REPO_ROOT = EXPERIMENTS_DIR.parent
 IMPLS = ("ours", "fastai")
 STAGE2_FILE = "stage2.json"
 
+# The classifier's arguments for one rate on every layer group, trained from the start.
+ONE_RATE_CLASSIFIER = {"discriminative_lr_factor": 1.0, "unfreeze_schedule": None}
 # Ablations: what each variant changes in the recipe (stage 3 unless said), and the training arguments it sets.
 ABLATIONS = {
     "full": ("ULMFiT: stage 1, stage 2, discriminative rates (2.6), STLR, gradual unfreezing", {}),
@@ -53,10 +55,9 @@ ABLATIONS = {
                       "stage 2), then the full recipe", {}),
     "lm_one_rate_gentle": ("stage 2 as lm_one_rate, then the classifier at one gentle rate (the from-scratch "
                            f"classifier's {LOWSHOT_SCRATCH_LR:g}) for every layer, no unfreezing, STLR",
-                           {"discriminative_lr_factor": 1.0, "unfreeze_schedule": None,
-                            "learning_rate": LOWSHOT_SCRATCH_LR}),
+                           {**ONE_RATE_CLASSIFIER, "learning_rate": LOWSHOT_SCRATCH_LR}),
     "no_discriminative": ("full fine-tuning: one rate for every layer group (factor 1), no unfreezing, STLR",
-                          {"discriminative_lr_factor": 1.0, "unfreeze_schedule": None}),
+                          ONE_RATE_CLASSIFIER),
     "no_gradual_unfreezing": ("discriminative rates (2.6) and STLR, every layer group trained from the start",
                               {"unfreeze_schedule": None}),
     "last_layer": ("only the classifier head trains (encoder frozen), STLR", {"unfreeze_schedule": "0:1"}),
@@ -67,6 +68,9 @@ ABLATIONS = {
     "backward": ("backward LM and classifier (stages 1-3 read every document reversed), full recipe", {}),
     "ensemble": ("forward + backward: mean of the two classifiers' probabilities", {}),
 }
+# The stage-2 LM a variant starts from (a kind, see `Experiment.stage2`) where it is not the recipe's ("ours").
+ABLATION_STAGE2 = {"no_pretraining": "ours_scratch", "lm_one_rate": "ours_one_rate", "lm_discr": "ours_discr",
+                   "lm_discr_stlr": "ours_discr_stlr", "lm_one_rate_gentle": "ours_one_rate"}
 LOWSHOT_METHODS = {
     "ulmfit": "ULMFiT (ours): the IMDb stage-2 LM of `compare`, full recipe",
     "ulmfit_lm_one_rate": "ULMFiT (ours), full recipe, from the stage-2 LM trained at one rate (`lm_one_rate`)",
@@ -417,17 +421,11 @@ def command_ablations(args: argparse.Namespace) -> int:
     def parent_of(variant: str) -> tuple[Path, dict | None]:
         if variant == "no_lm_finetuning":
             return args.stage1, None
-        if variant == "no_pretraining":
-            return experiment.stage2("ours_scratch")
-        if variant == "lm_one_rate_gentle":
-            return experiment.stage2("ours_one_rate")
-        if variant.startswith("lm_"):  # lm_one_rate, lm_discr, lm_discr_stlr: the stage-2 schedule of that name
-            return experiment.stage2("ours_" + variant.removeprefix("lm_"))
         if variant == "backward":
             if not AwdLstmConfig.from_pretrained(backward_stage1).backwards:
                 raise ValueError(f"{backward_stage1} reads text forwards: pass a backward stage 1 (model.backwards).")
             return experiment.stage2("ours_backward", backward_stage1)
-        return experiment.stage2("ours")
+        return experiment.stage2(ABLATION_STAGE2.get(variant, "ours"))
 
     plan = [(seed, variant) for seed in args.seeds for variant in variants]
     for seed, variant in tqdm(plan, desc=name, unit="run"):
