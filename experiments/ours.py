@@ -112,9 +112,8 @@ def finetune_lm(
     """Stage 2 from `parent` (a stage-1 folder), after moving it to the task's vocabulary (fastai's rule over
     `lm_texts`, every row counted as fastai counts them; `match_embeds` transfer), along one of `LM_SCHEDULES`.
 
-    `random_init` starts from random weights of the same shape (the "no pretraining" ablation); it takes the
-    "one_rate" schedule, as nothing is pretrained to protect. Saves the model and tokenizer in `folder` and returns
-    the stage's record.
+    `random_init` starts from random weights of the same shape (the "no pretraining" ablation). Saves the model and
+    tokenizer in `folder` and returns the stage's record.
     """
     if schedule not in LM_SCHEDULES:
         raise ValueError(f"unknown stage-2 schedule {schedule!r}; choose from {', '.join(LM_SCHEDULES)}")
@@ -126,7 +125,6 @@ def finetune_lm(
     if random_init:
         set_seed(0)
         model = AwdLstmForCausalLM(model.config)
-        schedule = "one_rate"
     name, arguments = LM_SCHEDULES[schedule]
     schedule_name = name.format(epochs=settings.lm_total_epochs, lm_epochs=settings.lm_epochs, lr=settings.lm_lr)
     schedule_name += " from random weights" if random_init else ""

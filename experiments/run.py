@@ -68,6 +68,13 @@ ABLATIONS = {
     "backward": ("backward LM and classifier (stages 1-3 read every document reversed), full recipe", {}),
     "ensemble": ("forward + backward: mean of the two classifiers' probabilities", {}),
 }
+# Our stage-2 kinds: the schedule each trains along (`ours.LM_SCHEDULES`) and whether it starts from random weights.
+# "ours" is the recipe's (fastai's `fine_tune`, as fastai's side runs it); "ours_backward" is that recipe on reversed
+# text from a backward stage 1; "ours_scratch" trains every layer at one rate, as nothing is pretrained to protect.
+OURS_STAGE2 = {
+    "ours": ("fine_tune", False), "ours_backward": ("fine_tune", False), "ours_scratch": ("one_rate", True),
+    "ours_one_rate": ("one_rate", False), "ours_discr": ("discr", False), "ours_discr_stlr": ("discr_stlr", False),
+}
 # The stage-2 LM a variant starts from (a kind, see `Experiment.stage2`) where it is not the recipe's ("ours").
 ABLATION_STAGE2 = {"no_pretraining": "ours_scratch", "lm_one_rate": "ours_one_rate", "lm_discr": "ours_discr",
                    "lm_discr_stlr": "ours_discr_stlr", "lm_one_rate_gentle": "ours_one_rate"}
@@ -238,8 +245,9 @@ class Experiment:
         return self.data.train_texts, self.data.train_labels
 
     def stage2(self, kind: str, parent: Path | None = None) -> tuple[Path, dict]:
-        """The stage-2 LM of `kind` ("ours", "fastai", "ours_scratch", "ours_backward", or "ours_" and one of
-        `LM_SCHEDULES`), trained once and reused."""
+        """The stage-2 LM of `kind` ("fastai" or one of `OURS_STAGE2`), trained once and reused."""
+        if kind != "fastai" and kind not in OURS_STAGE2:
+            raise ValueError(f"unknown stage-2 kind {kind!r}; choose from fastai, {', '.join(OURS_STAGE2)}")
         parent = parent or self.args.stage1
         folder = self.task_dir / f"{kind}-{signature(_model_identity(parent))}" / "finetune_lm"
         if (folder / STAGE2_FILE).is_file():
@@ -259,9 +267,9 @@ class Experiment:
         else:
             from . import ours
 
-            schedule = kind.removeprefix("ours_") if kind.removeprefix("ours_") in ours.LM_SCHEDULES else "fine_tune"
+            schedule, random_init = OURS_STAGE2[kind]
             record = ours.finetune_lm(data.lm_texts, data.lm_is_valid, settings, parent, folder,
-                                      random_init=kind == "ours_scratch", schedule=schedule)
+                                      random_init=random_init, schedule=schedule)
         record.update(kind=kind, parent=str(parent), seed=0, folder=str(folder), finished=now())
         write_json(folder / STAGE2_FILE, record)
         tqdm.write(f"{settings.task} stage 2 ({kind}): validation perplexity {record['valid_perplexity']:.1f} "

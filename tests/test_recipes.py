@@ -104,3 +104,12 @@ def test_paper_recipes_fine_tune_the_lm_as_the_paper_does(name, tmp_path):
     args = _training_arguments(recipe, recipe.stages["finetune_lm"], tmp_path, {}, from_scratch=False)
     assert (args.ulmfit_schedule, args.discriminative_lr_factor, args.learning_rate) == ("stlr", 2.6, 4e-3)
     assert args.unfreeze_schedule is None
+
+
+@pytest.mark.parametrize("name", ["paper_imdb", "trec6"])
+def test_paper_recipes_train_the_classifier_as_the_paper_does(name, tmp_path):
+    """Stage 3 unfreezes one more layer group each epoch, with discriminative rates (2.6) along STLR, 1e-2 at the top."""
+    recipe = load_recipe(name)
+    args = _training_arguments(recipe, recipe.stages["classifier"], tmp_path, {}, from_scratch=False)
+    assert (args.ulmfit_schedule, args.discriminative_lr_factor, args.learning_rate) == ("stlr", 2.6, 1e-2)
+    assert args.unfreeze_schedule == "gradual"
