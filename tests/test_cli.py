@@ -121,20 +121,23 @@ def test_accelerate_launch_runs_two_processes(demo_run, tmp_path):
     assert torch.isfinite(next(model.parameters())).all()
 
 
-def test_a_command_that_succeeded_leaves_the_process_group(tmp_path):
-    """Gloo's threads can abort a process at exit if its group is still up, so `ulmfit` destroys it after success;
-    after a failure it stays, as other processes may still wait on it."""
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
-    try:
-        assert main(["finetune-lm", "demo", "--output-dir", str(tmp_path / "no-parent")]) == 2
-        assert dist.is_initialized()
-        assert main(["validate", "demo"]) == 0
-        assert not dist.is_initialized()
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+def test_a_command_that_succeeded_in_a_process_group_ends_the_process_itself(tmp_path):
+    """gloo's threads can abort a process during the interpreter's teardown, so after success `ulmfit` destroys the
+    group, runs the exit handlers and exits; after a failure the group stays, as other processes may still wait on it."""
+    program = f"""
+import atexit, sys
+import torch.distributed as dist
+from training.cli import main
+dist.init_process_group("gloo", init_method="file://{tmp_path / 'store'}", rank=0, world_size=1)
+atexit.register(lambda: open({str(tmp_path / 'exit-handler-ran')!r}, "w").close())
+assert main(["finetune-lm", "demo", "--output-dir", {str(tmp_path / 'no-parent')!r}]) == 2
+assert dist.is_initialized()
+main(["validate", "demo"])
+sys.exit(7)
+"""
+    result = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "exit-handler-ran").exists()
 
 
 def _initial_rates(stage_folder: Path) -> list[float]:

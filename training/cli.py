@@ -10,9 +10,11 @@ Under `accelerate launch -m training run RECIPE` every process trains; the main 
 """
 
 import argparse
+import atexit
 import csv
 import dataclasses
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -98,21 +100,29 @@ def main(argv: list[str] | None = None) -> int:
     except (RecipeError, FileNotFoundError, ValueError, HubPushError) as error:
         print(f"ulmfit {args.command}: error: {error}", file=sys.stderr)
         return 2
-    leave_process_group()
+    leave_process_group(status)
     return status
 
 
-def leave_process_group() -> None:
-    """Destroys the `accelerate launch` process group after a command that succeeded on every process.
+def leave_process_group(status: int = 0) -> None:
+    """Ends an `accelerate launch` process that succeeded on every process: destroys its process group and exits with
+    `status` without tearing down the interpreter. Does nothing outside a process group.
 
-    A gloo group left to the interpreter's exit can abort the process ("terminate called without an active
-    exception") after all the work is done. After a failure it is left alone: the other processes may still be waiting
-    in a collective, where destroying it would hang.
+    gloo's worker threads drop a finished collective's tensors on their own time; a thread that does so once the
+    interpreter has begun tearing down cannot take the GIL and aborts the process ("terminate called without an
+    active exception") after all the work is done. So the exit handlers run, the output is flushed and the process
+    ends before that teardown. After a failure the group is left alone: the other processes may still be waiting in a
+    collective, where destroying it would hang.
     """
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    dist.destroy_process_group()
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
