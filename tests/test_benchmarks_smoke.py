@@ -98,3 +98,17 @@ def test_quick_benchmark_runs_both_sides_and_writes_its_reports(tmp_path):
     again = json.loads((rerun / "results_quick.json").read_text())
     assert {row["task"] for row in again["rows"]} == tasks
     assert again["predictions"] == summary["predictions"] and again["quality"] == summary["quality"]
+
+
+def test_quick_lstm_kernel_benchmark_times_both_kernels(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.lstm_kernels", "--quick", "--out", str(tmp_path)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    if not cpu_has_bf16_kernels():  # no fused bf16 LSTM to compare: the benchmark says so
+        assert proc.returncode != 0 and "no bf16 kernels" in proc.stderr
+        return
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    report = json.loads((tmp_path / "lstm_kernels_quick.json").read_text())
+    assert [(row["input"], row["hidden"]) for row in report["rows"]] == [(16, 32), (32, 32)]
+    assert all(row["fused_ms"] > 0 and row["stepwise_ms"] > 0 for row in report["rows"])
+    assert "| input -> hidden | batch | fused (ms) | stepwise (ms) | stepwise / fused |" in (
+        tmp_path / "lstm_kernels_quick.md").read_text()
