@@ -83,8 +83,11 @@ def main(argv: list[str] | None = None) -> None:
                   f"{row['stepwise_ms']:.0f} ms ({row['stepwise_over_fused']:.2f}x)", flush=True)
     finally:
         modeling_awd_lstm.FUSED_BF16_TRAINING_MAX_HIDDEN = threshold
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
+    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    name = next((line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")),
+                platform.processor())
+    units = [flag for flag in ("amx_bf16", "avx512_bf16") if f" {flag}" in cpuinfo]
+    cpu = f"{name} ({', '.join(units) or 'bf16 units unknown'})"
     machine = {"cpu": cpu, "threads": torch.get_num_threads(), "torch": torch.__version__}
     args.out.mkdir(parents=True, exist_ok=True)
     name = "lstm_kernels_quick" if args.quick else "lstm_kernels"

@@ -121,9 +121,9 @@ def _cpu_bf16_autocast(tensor: torch.Tensor) -> bool:
     )
 
 
-# Up to this hidden size oneDNN's fused bf16 LSTM trains faster than the stepwise kernel below (measured on AVX-512
-# BF16, forward and backward of one layer over 70 steps: 128->512 at batch 64, 138 against 181 ms; 512->512, 229
-# against 238 ms; 1152->1152 at batch 32, 693 against 539 ms).
+# Up to this hidden size oneDNN's fused bf16 LSTM trains faster than the stepwise kernel below; from 640 the stepwise
+# one is (AVX-512 BF16, forward and backward of one layer over 70 steps: fused 1.07-1.23x faster at hidden 512, 0.85x
+# at 640->640, 0.78x at 1152->1152; `python -m benchmarks.lstm_kernels`, benchmarks/results/lstm_kernels.md).
 FUSED_BF16_TRAINING_MAX_HIDDEN = 512
 
 
