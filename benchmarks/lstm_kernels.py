@@ -11,7 +11,6 @@ ratio stepwise / fused (above 1: the fused kernel is faster).
 
 import argparse
 import json
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -20,6 +19,8 @@ import torch
 
 from modeling_awd_lstm import modeling_awd_lstm
 from modeling_awd_lstm.modeling_awd_lstm import AwdLstmLayer, cpu_has_bf16_kernels
+
+from .report import machine_info
 
 # (input, hidden, batch): the experiments' 128/512 model (its first and middle layers), sizes between it and the full
 # size, and the full size 400/1152 (its first and middle layers).
@@ -83,12 +84,8 @@ def main(argv: list[str] | None = None) -> None:
                   f"{row['stepwise_ms']:.0f} ms ({row['stepwise_over_fused']:.2f}x)", flush=True)
     finally:
         modeling_awd_lstm.FUSED_BF16_TRAINING_MAX_HIDDEN = threshold
-    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    name = next((line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")),
-                platform.processor())
-    units = [flag for flag in ("amx_bf16", "avx512_bf16") if f" {flag}" in cpuinfo]
-    cpu = f"{name} ({', '.join(units) or 'bf16 units unknown'})"
-    machine = {"cpu": cpu, "threads": torch.get_num_threads(), "torch": torch.__version__}
+    machine = {**machine_info(), "threads": torch.get_num_threads(), "torch": torch.__version__}
+    cpu = f"{machine['cpu']} ({', '.join(machine['bf16_hardware'])})"
     args.out.mkdir(parents=True, exist_ok=True)
     name = "lstm_kernels_quick" if args.quick else "lstm_kernels"
     (args.out / f"{name}.json").write_text(json.dumps({"machine": machine, "bptt": BPTT, "rounds": rounds,
