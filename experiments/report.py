@@ -11,8 +11,8 @@ matplotlib.use("Agg")  # files only: no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from .results import load_results, now  # noqa: E402
-from .run import ABLATIONS, REPO_ROOT  # noqa: E402
+from .results import load_results, now, read_json  # noqa: E402
+from .run import ABLATIONS, REPO_ROOT, timing_path  # noqa: E402
 from .settings import PAPER_ERRORS  # noqa: E402
 
 TASK_NAMES = {"trec6": "TREC-6", "imdb": "IMDb"}
@@ -85,7 +85,16 @@ def _link(path: Path, output: Path) -> str:
 # ----------------------------------------------------------------------------------------------------------------------
 # Sections
 # ----------------------------------------------------------------------------------------------------------------------
-def _compare_section(task: str, records: list[dict], output: Path, plots_dir: Path) -> list[str]:
+def _timing_line(timing: dict) -> str:
+    seconds, train = timing["median"]["seconds"], timing["median"]["train_seconds"]
+    return (f"Stage 2 timed side by side, {timing['rounds']} run(s) per side alternating in one process "
+            f"(`{timing['command']}`): median {seconds['ours']:.1f} s ours against {seconds['fastai']:.1f} s fastai, "
+            f"ours {timing['speedup']:.2f}x as fast ({train['ours']:.1f} against {train['fastai']:.1f} s of training, "
+            f"{timing['train_speedup']:.2f}x). The table's stage-2 times are single runs, made at different times.")
+
+
+def _compare_section(task: str, records: list[dict], output: Path, plots_dir: Path,
+                     timing: dict | None = None) -> list[str]:
     by_impl = defaultdict(list)
     for record in records:
         by_impl[record["impl"]].append(record)
@@ -114,7 +123,10 @@ def _compare_section(task: str, records: list[dict], output: Path, plots_dir: Pa
             f"{stage2['valid_perplexity_own']:.1f} | {stage2['seconds']:.0f} | {stage2['tokens_per_second']:.0f} | "
             f"{_mean([s['seconds'] for s in stage3])} | {_mean([s['tokens_per_second'] for s in stage3])} |"
         )
-    lines += ["", f"Paper, full scale (WikiText-103 stage 1, every label): {PAPER_ERRORS[task]}% test error.", ""]
+    lines.append("")
+    if timing is not None:
+        lines += [_timing_line(timing), ""]
+    lines += [f"Paper, full scale (WikiText-103 stage 1, every label): {PAPER_ERRORS[task]}% test error.", ""]
     plot = _plot_curves(task, by_impl, plots_dir)
     if plot is not None:
         lines += [f"![training curves, {TASK_NAMES[task]}]({_link(plot, output)})", ""]
@@ -281,7 +293,9 @@ def write_report(results_dir: Path, output: Path, plots_dir: Path) -> Path:
     if compare:
         lines += ["## The same recipe in both implementations", "", SAME_AND_DIFFERENT]
         for task in compare:
-            lines += _compare_section(task, by_experiment[f"compare_{task}"], output, plots_dir)
+            timing = timing_path(results_dir, task)
+            lines += _compare_section(task, by_experiment[f"compare_{task}"], output, plots_dir,
+                                      read_json(timing) if timing.is_file() else None)
     if "lowshot" in by_experiment:
         lines += _lowshot_section(by_experiment["lowshot"], output, plots_dir)
     ablations = [t for t in TASK_NAMES if f"ablations_{t}" in by_experiment]

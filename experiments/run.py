@@ -4,6 +4,7 @@
     python -m experiments.run compare --task imdb
     python -m experiments.run lowshot                   # IMDb with 100 to 5,000 labels: ULMFiT, from scratch, TF-IDF
     python -m experiments.run ablations --task trec6    # variants of the recipe (ours)
+    python -m experiments.run stage2_timing --task trec6  # both stage 2s timed side by side, alternating
     python -m experiments.run report                    # RESULTS.md and plots from every result file
 
 Every run writes `results/<experiment>/<name>_seed<k>.json` when it finishes, and a command skips the runs whose file
@@ -196,6 +197,11 @@ def build_parser() -> argparse.ArgumentParser:
     ablations.add_argument("--stage1-recipe", type=Path, default=EXPERIMENTS_DIR / "recipes" / "general_lm.yaml")
     ablations.add_argument("--general-corpus", type=Path, default=None,
                            help="train/valid.jsonl.gz of stage 1 (default WORK_DIR/general)")
+    timing = commands.add_parser("stage2_timing", parents=[common],
+                                 help="both implementations' stage 2 timed side by side, alternating")
+    timing.add_argument("--task", choices=TASKS, required=True)
+    timing.add_argument("--rounds", type=int, default=2,
+                        help="rounds of one stage 2 per side, in ABBA order (default %(default)s)")
     report = commands.add_parser("report", help="RESULTS.md and plots from every result file")
     report.add_argument("--results-dir", type=Path, default=EXPERIMENTS_DIR / "results")
     report.add_argument("--output", type=Path, default=REPO_ROOT / "RESULTS.md")
@@ -480,6 +486,53 @@ def _ensemble(results_dir: Path, experiment: str, seed: int) -> dict:
     return {"test_accuracy": accuracy, "parts": {name: p["test_accuracy"] for name, p in parts.items()}}
 
 
+def timing_path(results_dir: Path, task: str) -> Path:
+    return results_dir / f"stage2_timing_{task}.json"
+
+
+def command_stage2_timing(args: argparse.Namespace) -> int:
+    """Each side's stage 2 `--rounds` times, alternating in ABBA order in this one process (so machine drift cancels),
+    each into a temporary folder. `compare` runs one stage 2 per side, shared by every seed, at different times: this
+    is the wall-clock comparison. Writes `RESULTS_DIR/stage2_timing_<task>.json`."""
+    import tempfile
+
+    from modeling_awd_lstm import AwdLstmTokenizer
+
+    from . import fastai_side, ours
+
+    if args.rounds < 1:
+        raise ValueError(f"--rounds must be at least 1, got {args.rounds}")
+    experiment = Experiment(args, args.task)
+    settings, data = experiment.settings, experiment.data
+    vocab = AwdLstmTokenizer.from_pretrained(experiment.stage2("ours")[0]).itos  # fastai's side checks it builds it
+    order = [impl for k in range(args.rounds) for impl in (IMPLS if k % 2 == 0 else IMPLS[::-1])]
+    timed = ("seconds", "train_seconds", "tokens_per_second", "valid_perplexity")
+    runs = []
+    for impl in tqdm(order, desc=f"stage2_timing_{args.task}", unit="run"):
+        with tempfile.TemporaryDirectory() as folder:
+            if impl == "ours":
+                record = ours.finetune_lm(data.lm_texts, data.lm_is_valid, settings, args.stage1, Path(folder))
+            else:
+                record = fastai_side.finetune_lm(data.lm_texts, data.lm_is_valid, settings, args.stage1, Path(folder),
+                                                 vocab)
+        runs.append({"impl": impl, **{key: record[key] for key in timed}})
+        tqdm.write(f"stage2_timing_{args.task} | {impl} | {record['seconds']:.1f} s ({record['train_seconds']:.1f} s "
+                   f"training) | perplexity {record['valid_perplexity']:.2f}")
+    median = {key: {impl: float(np.median([r[key] for r in runs if r["impl"] == impl])) for impl in IMPLS}
+              for key in ("seconds", "train_seconds")}
+    summary = {
+        "task": args.task, "rounds": args.rounds, "runs": runs, "median": median,
+        "speedup": median["seconds"]["fastai"] / median["seconds"]["ours"],
+        "train_speedup": median["train_seconds"]["fastai"] / median["train_seconds"]["ours"],
+        "settings": settings.to_dict(), "command": args.command_line, "hardware": _hardware(), "finished": now(),
+    }
+    write_json(timing_path(args.results_dir, args.task), summary)
+    print(f"stage2_timing_{args.task}: median {median['seconds']['ours']:.1f} s ours, "
+          f"{median['seconds']['fastai']:.1f} s fastai: ours {summary['speedup']:.2f}x as fast "
+          f"({summary['train_speedup']:.2f}x in training alone)")
+    return 0
+
+
 def command_report(args: argparse.Namespace) -> int:
     from .report import write_report
 
@@ -489,7 +542,7 @@ def command_report(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"compare": command_compare, "lowshot": command_lowshot, "ablations": command_ablations,
-            "report": command_report}
+            "stage2_timing": command_stage2_timing, "report": command_report}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -93,6 +93,12 @@ def ablations(compared):
     return compared
 
 
+@pytest.fixture(scope="module")
+def timed(compared):
+    run(compared, "stage2_timing", "--task", "trec6", "--rounds", "2", "--precision", FAST_PRECISION)
+    return compared
+
+
 def _result(env, experiment: str, name: str, seed: int) -> dict:
     return json.loads((env.results / experiment / f"{name}_seed{seed}.json").read_text())
 
@@ -199,7 +205,24 @@ def test_ablations_run_every_variant_with_a_backward_stage1(ablations):
     assert (ablations.work / "general_lm_backward" / "pretrain" / "config.json").is_file()
 
 
-def test_report_writes_results_md_and_plots(compared, lowshot, ablations, tmp_path):
+def test_stage2_timing_alternates_the_implementations_and_keeps_no_model(timed):
+    timing = json.loads((timed.results / "stage2_timing_trec6.json").read_text())
+    assert [r["impl"] for r in timing["runs"]] == ["ours", "fastai", "fastai", "ours"]  # ABBA: drift cancels
+    for impl in ("ours", "fastai"):
+        seconds = sorted(r["seconds"] for r in timing["runs"] if r["impl"] == impl)
+        assert timing["median"]["seconds"][impl] == pytest.approx(sum(seconds) / 2)
+    assert timing["speedup"] == pytest.approx(timing["median"]["seconds"]["fastai"] / timing["median"]["seconds"]["ours"])
+    # Each run of a side is the same training: it reaches the same perplexity every time.
+    perplexities = {impl: {round(r["valid_perplexity"], 6) for r in timing["runs"] if r["impl"] == impl}
+                    for impl in ("ours", "fastai")}
+    assert all(len(values) == 1 for values in perplexities.values()), perplexities
+    assert timing["settings"]["precision"] == FAST_PRECISION and timing["command"].startswith(
+        "python -m experiments.run stage2_timing")
+    # Timing runs train in temporary folders and leave no result file behind for the report to count as runs.
+    assert not list(timed.results.glob("stage2_timing*/"))
+
+
+def test_report_writes_results_md_and_plots(compared, lowshot, ablations, timed, tmp_path):
     output = tmp_path / "RESULTS.md"
     assert main(["report", "--results-dir", str(compared.results), "--output", str(output)]) == 0
     text = output.read_text()
@@ -211,6 +234,7 @@ def test_report_writes_results_md_and_plots(compared, lowshot, ablations, tmp_pa
     assert "| fastai | " in text and "| ours | " in text and "| backward | " in text
     assert "| test error % | stage-2 perplexity |" in text and "| lm_discr_stlr | " in text
     assert "python -m experiments.run ablations --quick" in text
+    assert "Stage 2 timed side by side, 2 run(s) per side alternating in one process" in text
     assert f"from the result files of `{compared.results.resolve()}/`" in text  # the folder it read, not a fixed one
     assert "Classifier epochs (steps) by labels: 10: 4 (4), 20: 2 (4)." in text
     assert "from scratch peak rate 0.002" in text
