@@ -215,7 +215,9 @@ def generate(spec: dict, settings: Settings, data: dict, prepared: Prepared) -> 
     prompt, prompt_ids = data["prompt"]["text"], data["prompt"]["ids"]
 
     def run(new_tokens: int) -> tuple[int, str]:
-        # Sampling from the whole distribution without xxunk: what fastai's predict does.
+        # Sampling from the whole distribution without xxunk, never stopping at xxeos: what fastai's predict does.
+        # (`eos_token_id=None` rather than `min_new_tokens`, which would forbid xxeos and costs a pass over the
+        # vocabulary per token.)
         if tokenizer is not None:
             inputs = tokenizer(prompt, return_tensors="pt")
         else:
@@ -223,7 +225,7 @@ def generate(spec: dict, settings: Settings, data: dict, prepared: Prepared) -> 
         with autocast(spec["precision"]):
             out = model.generate(
                 **inputs, do_sample=True, top_k=0, top_p=1.0, temperature=1.0, max_new_tokens=new_tokens,
-                min_new_tokens=new_tokens, suppress_tokens=[UNK], pad_token_id=PAD,
+                eos_token_id=None, suppress_tokens=[UNK], pad_token_id=PAD,
             )
         text = tokenizer.decode(out[0], skip_special_tokens=True) if tokenizer is not None else ""
         return out.shape[1] - inputs["input_ids"].shape[1], text

@@ -213,6 +213,7 @@ def summarize(records: list[dict], settings: Settings, prepared: Prepared, start
         "predictions": predictions,
         "generation": generation,
         "load_average_1min": _load_summary(records),
+        "measured": measured_on(records),
         "errors": [{"impl": r["impl"], "run": r["run"], "error": r["error"]} for r in records if r["error"]],
         "records": [_slim(r) for r in records],
     }
@@ -223,6 +224,15 @@ def summarize(records: list[dict], settings: Settings, prepared: Prepared, start
 def _load_summary(records: list[dict]) -> dict | None:
     loads = [r["load_avg_1min_before"] for r in records if "load_avg_1min_before" in r]
     return {"median": median(loads), "max": max(loads)} if loads else None
+
+
+def measured_on(records: list[dict]) -> dict[str, list[str]]:
+    """When each benchmark was measured: `--reuse` joins the measurements of earlier runs to a report."""
+    dates = defaultdict(set)
+    for record in records:
+        if "measured" in record:
+            dates[record["run"]["task"]].add(record["measured"])
+    return {task: sorted(values) for task, values in dates.items()}
 
 
 def _slim(record: dict) -> dict:
@@ -319,6 +329,15 @@ def _digits(value: float | None) -> int:
     return 0 if value is not None and value >= 100 else (1 if value is not None and value >= 10 else 2)
 
 
+def _measured_line(summary: dict) -> list[str]:
+    """Names the run behind each benchmark when the report joins several (`--reuse`)."""
+    measured = summary.get("measured") or {}
+    if len({date for dates in measured.values() for date in dates}) < 2:
+        return []
+    parts = [f"{_TASK_TITLES.get(task, task)} {' and '.join(dates)}" for task, dates in measured.items()]
+    return [f"Measured in more than one run (`--reuse`), started at: {'; '.join(parts)}."]
+
+
 def markdown(summary: dict) -> str:
     m, v, s = summary["machine"], summary["versions"], summary["settings"]
     size = s["model"]
@@ -330,6 +349,7 @@ def markdown(summary: dict) -> str:
         f" torch threads: {s['threads'] or m['cores']}, OMP_WAIT_POLICY={s['omp_wait_policy'] or 'unset'}."
         + (f" Load average (1 min) before each measurement: median {summary['load_average_1min']['median']:.1f},"
            f" max {summary['load_average_1min']['max']:.1f}." if summary.get("load_average_1min") else ""),
+        *_measured_line(summary),
         f"Versions: python {v['python']}, torch {v['torch']}, transformers {v['transformers']}, fastai {v['fastai']},"
         f" spaCy {v['spacy']}.",
         f"Model: AWD-LSTM {size['emb_size']}/{size['hidden_size']}/{size['num_layers']}, fastai's dropouts"

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 from .data import default_cache_dir, prepare, resolve_data_files
@@ -146,11 +147,13 @@ def main(argv: list[str] | None = None) -> int:
     log(f"data: {files.lm_train.parent if files.lm_train.parent == files.imdb_train.parent else files.lm_train.parent.parent}")
     prepared = prepare(settings, files, args.cache_dir or default_cache_dir(), log=log)
     records = execute(settings, prepared, only)
+    for record in records:
+        record["measured"] = datetime.fromtimestamp(started, timezone.utc).isoformat(timespec="seconds")
     reused_predictions = None
     if args.reuse is not None:
         rerun = {_TASK_OF_GROUP[group] for group in only}
         previous = json.loads(args.reuse.read_text())
-        kept = [r for r in previous["records"] if r["run"]["task"] not in rerun]
+        kept = [{"measured": previous["date"], **r} for r in previous["records"] if r["run"]["task"] not in rerun]
         order = list(_TASK_OF_GROUP.values())
         records = sorted(kept + records, key=lambda r: order.index(r["run"]["task"]))  # the tables' usual order
         if "clas_infer" not in rerun:

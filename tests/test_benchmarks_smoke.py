@@ -98,6 +98,10 @@ def test_quick_benchmark_runs_both_sides_and_writes_its_reports(tmp_path):
     again = json.loads((rerun / "results_quick.json").read_text())
     assert {row["task"] for row in again["rows"]} == tasks
     assert again["predictions"] == summary["predictions"] and again["quality"] == summary["quality"]
+    # The report says which run measured what.
+    assert set(again["measured"]) == tasks and again["measured"]["lm_train"] == summary["measured"]["lm_train"]
+    assert again["measured"]["generate"] != summary["measured"]["generate"]
+    assert "Measured in more than one run (`--reuse`), started at: LM training " in (rerun / "results_quick.md").read_text()
 
 
 def test_quick_lstm_kernel_benchmark_times_both_kernels(tmp_path):
