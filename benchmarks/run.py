@@ -147,8 +147,9 @@ def main(argv: list[str] | None = None) -> int:
     log(f"data: {files.lm_train.parent if files.lm_train.parent == files.imdb_train.parent else files.lm_train.parent.parent}")
     prepared = prepare(settings, files, args.cache_dir or default_cache_dir(), log=log)
     records = execute(settings, prepared, only)
+    measured = datetime.fromtimestamp(started, timezone.utc).isoformat(timespec="seconds")
     for record in records:
-        record["measured"] = datetime.fromtimestamp(started, timezone.utc).isoformat(timespec="seconds")
+        record["measured"] = measured
     reused_predictions = None
     if args.reuse is not None:
         rerun = {_TASK_OF_GROUP[group] for group in only}

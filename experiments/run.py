@@ -261,27 +261,30 @@ class Experiment:
             tqdm.write(f"{self.settings.task} stage 2 ({kind}): done already, {folder}")
             return folder, record
         folder.mkdir(parents=True, exist_ok=True)
+        tqdm.write(f"{self.settings.task} stage 2 ({kind}): {self.data.stats()['lm_docs']} documents from {parent}")
+        record = self.train_stage2(kind, parent, folder)
+        record.update(kind=kind, parent=str(parent), seed=0, folder=str(folder), finished=now())
+        write_json(folder / STAGE2_FILE, record)
+        tqdm.write(f"{self.settings.task} stage 2 ({kind}): validation perplexity {record['valid_perplexity']:.1f} "
+                   f"(own {record['valid_perplexity_own']:.1f}), {record['seconds']:.0f} s, "
+                   f"{record['tokens_per_second']:.0f} tokens/s, vocabulary {record['vocab_size']}")
+        return folder, record
+
+    def train_stage2(self, kind: str, parent: Path, folder: Path) -> dict:
+        """Trains the stage-2 LM of `kind` from `parent` into `folder` (no reuse) and returns its record."""
         data, settings = self.data, self.settings
-        tqdm.write(f"{settings.task} stage 2 ({kind}): {data.stats()['lm_docs']} documents from {parent}")
         if kind == "fastai":  # fastai is imported only where its side runs
             from modeling_awd_lstm import AwdLstmTokenizer
 
             from . import fastai_side
 
             ours_vocab = AwdLstmTokenizer.from_pretrained(self.stage2("ours")[0]).itos
-            record = fastai_side.finetune_lm(data.lm_texts, data.lm_is_valid, settings, parent, folder, ours_vocab)
-        else:
-            from . import ours
+            return fastai_side.finetune_lm(data.lm_texts, data.lm_is_valid, settings, parent, folder, ours_vocab)
+        from . import ours
 
-            schedule, random_init = OURS_STAGE2[kind]
-            record = ours.finetune_lm(data.lm_texts, data.lm_is_valid, settings, parent, folder,
-                                      random_init=random_init, schedule=schedule)
-        record.update(kind=kind, parent=str(parent), seed=0, folder=str(folder), finished=now())
-        write_json(folder / STAGE2_FILE, record)
-        tqdm.write(f"{settings.task} stage 2 ({kind}): validation perplexity {record['valid_perplexity']:.1f} "
-                   f"(own {record['valid_perplexity_own']:.1f}), {record['seconds']:.0f} s, "
-                   f"{record['tokens_per_second']:.0f} tokens/s, vocabulary {record['vocab_size']}")
-        return folder, record
+        schedule, random_init = OURS_STAGE2[kind]
+        return ours.finetune_lm(data.lm_texts, data.lm_is_valid, settings, parent, folder,
+                                random_init=random_init, schedule=schedule)
 
     def run(self, experiment: str, name: str, seed: int, train_fn, settings: TaskSettings | None = None,
             **fields) -> dict:
@@ -496,25 +499,15 @@ def command_stage2_timing(args: argparse.Namespace) -> int:
     is the wall-clock comparison. Writes `RESULTS_DIR/stage2_timing_<task>.json`."""
     import tempfile
 
-    from modeling_awd_lstm import AwdLstmTokenizer
-
-    from . import fastai_side, ours
-
     if args.rounds < 1:
         raise ValueError(f"--rounds must be at least 1, got {args.rounds}")
     experiment = Experiment(args, args.task)
-    settings, data = experiment.settings, experiment.data
-    vocab = AwdLstmTokenizer.from_pretrained(experiment.stage2("ours")[0]).itos  # fastai's side checks it builds it
     order = [impl for k in range(args.rounds) for impl in (IMPLS if k % 2 == 0 else IMPLS[::-1])]
     timed = ("seconds", "train_seconds", "tokens_per_second", "valid_perplexity")
     runs = []
     for impl in tqdm(order, desc=f"stage2_timing_{args.task}", unit="run"):
         with tempfile.TemporaryDirectory() as folder:
-            if impl == "ours":
-                record = ours.finetune_lm(data.lm_texts, data.lm_is_valid, settings, args.stage1, Path(folder))
-            else:
-                record = fastai_side.finetune_lm(data.lm_texts, data.lm_is_valid, settings, args.stage1, Path(folder),
-                                                 vocab)
+            record = experiment.train_stage2(impl, args.stage1, Path(folder))
         runs.append({"impl": impl, **{key: record[key] for key in timed}})
         tqdm.write(f"stage2_timing_{args.task} | {impl} | {record['seconds']:.1f} s ({record['train_seconds']:.1f} s "
                    f"training) | perplexity {record['valid_perplexity']:.2f}")
@@ -524,7 +517,7 @@ def command_stage2_timing(args: argparse.Namespace) -> int:
         "task": args.task, "rounds": args.rounds, "runs": runs, "median": median,
         "speedup": median["seconds"]["fastai"] / median["seconds"]["ours"],
         "train_speedup": median["train_seconds"]["fastai"] / median["train_seconds"]["ours"],
-        "settings": settings.to_dict(), "command": args.command_line, "hardware": _hardware(), "finished": now(),
+        "settings": experiment.settings.to_dict(), "command": args.command_line, "hardware": _hardware(), "finished": now(),
     }
     write_json(timing_path(args.results_dir, args.task), summary)
     print(f"stage2_timing_{args.task}: median {median['seconds']['ours']:.1f} s ours, "

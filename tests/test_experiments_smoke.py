@@ -95,7 +95,9 @@ def ablations(compared):
 
 @pytest.fixture(scope="module")
 def timed(compared):
+    before = sorted(compared.work.rglob("*"))
     run(compared, "stage2_timing", "--task", "trec6", "--rounds", "2", "--precision", FAST_PRECISION)
+    compared.work_files_timing_added = sorted(set(compared.work.rglob("*")) - set(before))
     return compared
 
 
@@ -218,7 +220,9 @@ def test_stage2_timing_alternates_the_implementations_and_keeps_no_model(timed):
     assert all(len(values) == 1 for values in perplexities.values()), perplexities
     assert timing["settings"]["precision"] == FAST_PRECISION and timing["command"].startswith(
         "python -m experiments.run stage2_timing")
-    # Timing runs train in temporary folders and leave no result file behind for the report to count as runs.
+    # Timing runs train in temporary folders: no model left in the work folder, no result file for the report to
+    # count as runs.
+    assert timed.work_files_timing_added == []
     assert not list(timed.results.glob("stage2_timing*/"))
 
 
