@@ -18,6 +18,7 @@ from .settings import PAPER_ERRORS  # noqa: E402
 TASK_NAMES = {"trec6": "TREC-6", "imdb": "IMDb"}
 LOWSHOT_NAMES = {"ulmfit": "ULMFiT (ours)", "ulmfit_lm_one_rate": "ULMFiT, stage 2 at one rate",
                  "ulmfit_scratch_schedule": "stage 2 at one rate, scratch's classifier schedule",
+                 "no_stage1_scratch_schedule": "no stage 1, stage 2, scratch's classifier schedule",
                  "ulmfit_no_unfreezing": "ULMFiT, no unfreezing",
                  "ulmfit_one_rate": "ULMFiT, one rate, no unfreezing",
                  "scratch": "from scratch", "tfidf": "TF-IDF + LR"}
@@ -301,8 +302,9 @@ def write_report(results_dir: Path, output: Path, plots_dir: Path) -> Path:
     ablations = [t for t in TASK_NAMES if f"ablations_{t}" in by_experiment]
     if ablations:
         lines += ["## Ablations (ours)", "",
-                  "Each variant changes one thing in the recipe; stage 2 runs once (seed 0) and is shared. Rows not "
-                  "run (the backward and ensemble rows need a backward stage 1) say so.", ""]
+                  "Each variant changes one thing in the recipe; its stage 2 runs once and is shared by its seeds "
+                  "(a row with two perplexities took its seeds from two stage-2 runs). Rows not run (the backward "
+                  "and ensemble rows need a backward stage 1) say so.", ""]
         for task in ablations:
             lines += _ablations_section(task, by_experiment[f"ablations_{task}"])
     # The reading of the figures is written by hand beside the results (`findings.md`), as the runs come in.

@@ -84,6 +84,8 @@ LOWSHOT_METHODS = {
     "ulmfit_lm_one_rate": "ULMFiT (ours), full recipe, from the stage-2 LM trained at one rate (`lm_one_rate`)",
     "ulmfit_scratch_schedule": "the one-rate stage-2 LM with the from-scratch classifier's schedule (one rate at its "
                                "own peak, no unfreezing, STLR): what stages 1-2 add to `scratch`, and nothing else",
+    "no_stage1_scratch_schedule": "the stage-2 LM trained from random weights (`no_pretraining`: no stage 1) with the "
+                                  "from-scratch classifier's schedule: what stage 2 alone adds to `scratch`",
     "ulmfit_no_unfreezing": "ULMFiT (ours) from the LM of `compare`, discriminative rates and STLR, every layer group "
                             "trained from the start (no gradual unfreezing)",
     "ulmfit_one_rate": "ULMFiT (ours) from the LM of `compare`, one rate for every layer and no gradual unfreezing",
@@ -106,6 +108,7 @@ LOWSHOT_RECIPES = {
     "ulmfit": LowshotRecipe("ours"),
     "ulmfit_lm_one_rate": LowshotRecipe("ours_one_rate"),
     "ulmfit_scratch_schedule": LowshotRecipe("ours_one_rate", ABLATIONS["no_discriminative"][1], scratch_lr=True),
+    "no_stage1_scratch_schedule": LowshotRecipe("ours_scratch", ABLATIONS["no_discriminative"][1], scratch_lr=True),
     "ulmfit_no_unfreezing": LowshotRecipe("ours", ABLATIONS["no_gradual_unfreezing"][1]),
     "ulmfit_one_rate": LowshotRecipe("ours", ABLATIONS["no_discriminative"][1]),
     "scratch": LowshotRecipe("ours_one_rate", ABLATIONS["no_discriminative"][1], random_init=True, scratch_lr=True),

@@ -177,6 +177,10 @@ def test_lowshot_runs_ulmfit_scratch_and_tfidf(lowshot):
     twin = _result(lowshot, "lowshot", "ulmfit_scratch_schedule_n20", 0)
     assert not twin["stage3"]["random_init"] and twin["stage2"] == lm_one_rate["stage2"]
     assert twin["stage3"]["training"] == scratch["stage3"]["training"]
+    # Its twin without stage 1: the stage-2 LM trained from random weights, the same classifier schedule.
+    no_stage1 = _result(lowshot, "lowshot", "no_stage1_scratch_schedule_n20", 0)
+    assert no_stage1["stage2"]["kind"] == "ours_scratch" and no_stage1["stage2"]["schedule"].startswith("one_cycle")
+    assert not no_stage1["stage3"]["random_init"] and no_stage1["stage3"]["training"] == scratch["stage3"]["training"]
     assert "stage2" not in scratch
 
 
