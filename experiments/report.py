@@ -190,7 +190,7 @@ def _lowshot_section(records: list[dict], output: Path, plots_dir: Path) -> list
                           for m, runs in trained.items() if runs)
         lines += ["", "Classifier epochs (steps) by labels: "
                   + ", ".join(f"{n}: {e} ({s})" for n, e, s in epochs) + f". {rates}."]
-    figure, axis = plt.subplots(figsize=(6, 4))
+    figure, axis = plt.subplots(figsize=(9, 4))
     for method in methods:
         counts = [n for n in sorted(table) if table[n][method]]
         accuracies = [[r["test_accuracy"] for r in table[n][method]] for n in counts]
@@ -201,7 +201,7 @@ def _lowshot_section(records: list[dict], output: Path, plots_dir: Path) -> list
     axis.set_xlabel("labelled training reviews")
     axis.set_ylabel("test accuracy")
     axis.set_title("IMDb, few labels")
-    axis.legend()
+    axis.legend(loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize="small")  # beside the curves, not over them
     figure.tight_layout()
     plots_dir.mkdir(parents=True, exist_ok=True)
     path = plots_dir / "lowshot.png"
