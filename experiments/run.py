@@ -520,7 +520,8 @@ def command_stage2_timing(args: argparse.Namespace) -> int:
         "task": args.task, "rounds": args.rounds, "runs": runs, "median": median,
         "speedup": median["seconds"]["fastai"] / median["seconds"]["ours"],
         "train_speedup": median["train_seconds"]["fastai"] / median["train_seconds"]["ours"],
-        "settings": experiment.settings.to_dict(), "command": args.command_line, "hardware": _hardware(), "finished": now(),
+        "settings": experiment.settings.to_dict(), "command": args.command_line, "hardware": _hardware(),
+        "finished": now(),
     }
     write_json(timing_path(args.results_dir, args.task), summary)
     print(f"stage2_timing_{args.task}: median {median['seconds']['ours']:.1f} s ours, "

@@ -101,7 +101,8 @@ def test_quick_benchmark_runs_both_sides_and_writes_its_reports(tmp_path):
     # The report says which run measured what.
     assert set(again["measured"]) == tasks and again["measured"]["lm_train"] == summary["measured"]["lm_train"]
     assert again["measured"]["generate"] != summary["measured"]["generate"]
-    assert "Measured in more than one run (`--reuse`), started at: LM training " in (rerun / "results_quick.md").read_text()
+    report = (rerun / "results_quick.md").read_text()
+    assert "Measured in more than one run (`--reuse`), started at: LM training " in report
 
 
 def test_quick_lstm_kernel_benchmark_times_both_kernels(tmp_path):
