@@ -378,7 +378,7 @@ def command_compare(args: argparse.Namespace) -> int:
 
 
 def command_lowshot(args: argparse.Namespace) -> int:
-    from .baselines import tfidf_logreg
+    from training.baselines import tfidf_logreg
     from .ours import train_classifier
 
     experiment = Experiment(args, "imdb")

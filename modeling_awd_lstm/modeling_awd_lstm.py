@@ -504,7 +504,13 @@ class AwdLstmModel(AwdLstmPreTrainedModel):
 
         if inputs_embeds is None:
             weight = embedding_dropout(self.embed_tokens.weight, self.config.embed_p, self.training)
-            inputs_embeds = F.embedding(input_ids, weight, self.embed_tokens.padding_idx)
+            try:
+                inputs_embeds = F.embedding(input_ids, weight, self.embed_tokens.padding_idx)
+            except IndexError:
+                raise ValueError(
+                    f"Token ids must lie in 0..{self.config.vocab_size - 1} (the model's vocabulary), but the input "
+                    f"holds {int(input_ids.min())}..{int(input_ids.max())}: encode the text with this model's tokenizer."
+                ) from None
         seq_len = inputs_embeds.size(1)
 
         order = lengths = None
@@ -769,6 +775,7 @@ class AwdLstmForSequenceClassification(AwdLstmPreTrainedModel):
         by_length = torch.argsort(lengths, descending=True, stable=True)
         input_ids, lengths = input_ids[by_length], lengths[by_length]
         longest = int(lengths[0])
+        input_ids = input_ids[:, :longest]  # columns past every document's end hold only padding
         # First kept chunk start of each document: the first multiple of bptt at or after length - max_len.
         first_kept = ((lengths - max_len).clamp_min(0) + bptt - 1) // bptt * bptt
         earliest_kept = int(first_kept.min())

@@ -1,4 +1,5 @@
 import gzip
+import site
 import sys
 import json
 from pathlib import Path
@@ -24,9 +25,11 @@ def imdb_texts() -> list[str]:
     return [row["text"] for row in read_imdb("test", limit=40)]
 
 
-# Site packages are added by hand, without running their .pth files, so an editable install of this project (which
-# works through a .pth file) is invisible: the process sees transformers and torch, not this package.
-WITHOUT_PACKAGE_PRELUDE = "import site, sys; sys.path.extend(site.getsitepackages())\n"
+# The parent's site packages are added by hand, without running their .pth files, so an editable install of this
+# project (which works through a .pth file) is invisible: the process sees transformers and torch, not this package.
+# They come from this process, which ran `site` (venv, conda or system interpreter alike): under `-S` the child's own
+# `site.getsitepackages()` would name the base interpreter's folders, not a virtual environment's.
+WITHOUT_PACKAGE_PRELUDE = f"import sys; sys.path.extend({site.getsitepackages()!r})\n"
 
 
 def python_without_package(script: str) -> list[str]:

@@ -101,7 +101,7 @@ def test_a_single_stage_starts_from_a_given_parent(demo_run, tmp_path):
 
 def test_a_stage_whose_parent_was_not_run_fails_clearly(tmp_path, capsys):
     assert main(["finetune-lm", "demo", "--output-dir", str(tmp_path)]) == 2
-    assert "Stage 'pretrain' has not been run" in capsys.readouterr().err
+    assert "Stage 'pretrain' has not finished" in capsys.readouterr().err
 
 
 def test_accelerate_launch_runs_two_processes(demo_run, tmp_path):

@@ -11,6 +11,8 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
+from modeling_awd_lstm.tokenization_awd_lstm import AwdLstmTokenizer
+
 from training.data import (
     ClassificationCollator,
     DataSpec,
@@ -302,6 +304,22 @@ def test_a_backward_language_model_reads_each_document_reversed(wikitext_lines, 
     forward, backward = tokenize_for_lm(dataset, tokenizer), tokenize_for_lm(dataset, tokenizer, backwards=True)
     assert [ids[::-1] for ids in forward["input_ids"]] == backward["input_ids"]
     assert backward["input_ids"][0][-1] == tokenizer.bos_token_id  # xxbos last, as fastai's backwards=True
+
+
+def test_a_reloaded_tokenizer_finds_the_cached_tokens(tmp_path, wikitext_lines):
+    """A resumed stage reloads its tokenizer from a checkpoint: its tokens must come from the cache, not be redone."""
+    from training.tokenizer_training import train_fastai_tokenizer
+
+    dataset = datasets.Dataset.from_dict({"text": wikitext_lines[:50]})
+    built = train_fastai_tokenizer(dataset, min_freq=1, show_progress=False)
+    built.save_pretrained(tmp_path / "saved")
+    reloaded = AwdLstmTokenizer.from_pretrained(tmp_path / "saved")
+    other = train_fastai_tokenizer(dataset, min_freq=2, show_progress=False)
+
+    first, again = tokenize_for_lm(dataset, built), tokenize_for_lm(dataset, reloaded)
+    assert first._fingerprint == again._fingerprint
+    assert tokenize_for_lm(dataset, other)._fingerprint != first._fingerprint
+    assert tokenize_for_lm(dataset, built, backwards=True)._fingerprint != first._fingerprint
 
 
 def test_large_vocabularies_use_uint32_and_arrays_are_reused(tmp_path, wikitext_lines, tokenizer):

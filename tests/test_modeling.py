@@ -300,8 +300,8 @@ def test_chunked_training_loss_equals_cross_entropy_of_the_logits(bias):
 # ----------------------------------------------------------------------------------------------------------------------
 # Padding never changes a result
 # ----------------------------------------------------------------------------------------------------------------------
-def pad_batch(docs: list[torch.Tensor], pad_id: int, side: str) -> tuple[torch.Tensor, torch.Tensor]:
-    longest = max(len(d) for d in docs)
+def pad_batch(docs: list[torch.Tensor], pad_id: int, side: str, width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    longest = width or max(len(d) for d in docs)
     ids = torch.full((len(docs), longest), pad_id)
     mask = torch.zeros((len(docs), longest), dtype=torch.long)
     for row, doc in enumerate(docs):
@@ -319,6 +319,9 @@ def test_classifier_logits_do_not_depend_on_padding_or_batch_mates(side):
     ids, mask = pad_batch(docs, pad_id=1, side=side)
     together = model(ids, attention_mask=mask).logits
     torch.testing.assert_close(together, alone, atol=1e-5, rtol=0)
+    # Padded past the longest document, as `padding="max_length"` does.
+    ids, mask = pad_batch(docs, pad_id=1, side=side, width=64)
+    torch.testing.assert_close(model(ids, attention_mask=mask).logits, alone, atol=1e-5, rtol=0)
 
 
 def test_classifier_chunks_run_only_the_documents_still_running():

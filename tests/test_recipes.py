@@ -88,8 +88,16 @@ def test_broken_recipes_fail_with_a_message_naming_the_problem(tmp_path, mutate,
 
 
 def test_unknown_recipe_name_lists_the_shipped_ones():
-    with pytest.raises(RecipeError, match="demo, paper_imdb, trec6"):
+    with pytest.raises(RecipeError, match="demo, paper_imdb, trec6, wikipedia_en"):
         load_recipe("no-such-recipe")
+
+
+def test_the_english_stage1_recipe_reads_50m_tokens_and_checkpoints_often(tmp_path):
+    """Hours of pretraining: a checkpoint every few minutes, so an interrupted run loses little."""
+    recipe = load_recipe("wikipedia_en", training_fields=TRAINING_FIELDS, check_files=False)
+    args = _training_arguments(recipe, recipe.stages["pretrain"], tmp_path, {}, from_scratch=True)
+    assert args.max_steps * args.per_device_train_batch_size * recipe.model.bptt >= 50_000_000
+    assert (args.save_strategy, args.save_steps) == ("steps", 200)
 
 
 def test_bad_override_syntax():

@@ -327,6 +327,14 @@ def test_sources_dataset_files_and_lists_give_the_same_vocab(tmp_path):
     assert list(iter_texts(str(plain), encoding="latin-1", show_progress=False)) == questions[:150]
 
 
+def test_counting_in_several_processes_gives_the_same_vocabulary(corpus):
+    """Chunks are counted in parallel and merged in order: frequency ties, and so the vocabulary, are unchanged."""
+    one = train_fastai_tokenizer(corpus, min_freq=1, show_progress=False, num_proc=1)
+    two = train_fastai_tokenizer(corpus, min_freq=1, show_progress=False, num_proc=2)
+    assert len(corpus) > 200  # more than one chunk
+    assert two.itos == one.itos
+
+
 def test_clear_errors(tmp_path):
     from datasets import Dataset, DatasetDict
 

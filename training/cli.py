@@ -23,10 +23,12 @@ import yaml
 from .recipes import STAGE_ORDER, Recipe, RecipeError, load_recipe
 
 STAGE_COMMANDS = {"pretrain": "pretrain", "finetune-lm": "finetune_lm", "train-classifier": "classifier"}
+COMMANDS_WITH_STAGES = {"run", *STAGE_COMMANDS}
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ulmfit", description="ULMFiT with Hugging Face transformers.")
+    parser.add_argument("--debug", action="store_true", help="Show the traceback of an error, not just its message.")
     commands = parser.add_subparsers(dest="command", required=True)
 
     run = commands.add_parser("run", help="Run every stage of a recipe (pretrain, finetune_lm, classifier).")
@@ -83,6 +85,14 @@ def _add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
         help="Set a training argument for every stage run, e.g. --training max_steps=20",
     )
     parser.add_argument("--push", action="store_true", default=None, help="Push each stage to the Hub (recipe: hub.push).")
+    parser.add_argument(
+        "--overwrite", action="store_true",
+        help="Train stages that already finished again, replacing their folders (finished stages are otherwise kept).",
+    )
+    parser.add_argument(
+        "--restart", action="store_true",
+        help="Start an interrupted stage over instead of resuming it from its last checkpoint.",
+    )
 
 
 def _add_convert_arguments(parser: argparse.ArgumentParser) -> None:
@@ -97,9 +107,15 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         status = COMMANDS[args.command](args)
-    except (RecipeError, FileNotFoundError, ValueError, HubPushError) as error:
+    except (RecipeError, FileNotFoundError, FileExistsError, ValueError, HubPushError) as error:
+        if args.debug:
+            raise
         print(f"ulmfit {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        again = " (it resumes from its last checkpoint)" if args.command in COMMANDS_WITH_STAGES else ""
+        print(f"ulmfit {args.command}: interrupted; run the same command again to continue{again}.", file=sys.stderr)
+        return 130
     leave_process_group(status)
     return status
 
@@ -129,10 +145,17 @@ def leave_process_group(status: int = 0) -> None:
 # Commands
 # ----------------------------------------------------------------------------------------------------------------------
 def _load(args: argparse.Namespace) -> Recipe:
+    """The recipe, with every stage's training arguments checked by building them, as the run will."""
+    import typing
+
+    from .stages import check_training_arguments
     from .trainer import ULMFiTTrainingArguments
 
-    fields = {f.name for f in dataclasses.fields(ULMFiTTrainingArguments)}
-    return load_recipe(args.recipe, overrides=args.overrides, training_fields=fields)
+    hints = typing.get_type_hints(ULMFiTTrainingArguments)
+    fields = {f.name: hints[f.name] for f in dataclasses.fields(ULMFiTTrainingArguments) if f.init}
+    recipe = load_recipe(args.recipe, overrides=args.overrides, training_fields=fields)
+    check_training_arguments(recipe, _training_overrides(getattr(args, "training", [])))
+    return recipe
 
 
 def _training_overrides(pairs: list[str]) -> dict:
@@ -161,9 +184,10 @@ def command_run(args: argparse.Namespace) -> int:
     overrides = _training_overrides(args.training)
     results = []
     for stage in stages:
-        results.append(
-            run_stage(recipe, stage, output_dir, parent=parent, training_overrides=overrides, push=args.push)
-        )
+        results.append(run_stage(
+            recipe, stage, output_dir, parent=parent, training_overrides=overrides, push=args.push,
+            overwrite=args.overwrite, restart=args.restart,
+        ))
     if results[-1].is_main:
         summarize(recipe, results)
     return 0
@@ -215,18 +239,39 @@ def command_predict(args: argparse.Namespace) -> int:
 
     import modeling_awd_lstm  # noqa: F401  (registers the Auto classes)
 
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be at least 1; got {args.batch_size}.")
     texts = read_texts(args.file, args.text_column)
+    _check_is_classifier(args.model)
     classify = pipeline("text-classification", model=args.model, trust_remote_code=True, top_k=None)
     output = Path(args.output or f"{args.file}.predictions.jsonl")
-    with output.open("w", encoding="utf-8") as handle:
+    # Written under a temporary name and renamed when complete: an interrupted run leaves earlier predictions intact.
+    partial = output.with_name(f"{output.name}.partial")
+    with partial.open("w", encoding="utf-8") as handle:
         for start in tqdm(range(0, len(texts), args.batch_size), desc="Classifying", unit="batch"):
             batch = texts[start : start + args.batch_size]
             for text, scores in zip(batch, classify(batch, batch_size=args.batch_size, truncation=False)):
                 best = max(scores, key=lambda s: s["score"])
                 probabilities = {s["label"]: round(s["score"], 6) for s in scores}
                 handle.write(json.dumps({"text": text, "label": best["label"], "probabilities": probabilities}) + "\n")
+    os.replace(partial, output)
     print(f"Wrote {len(texts)} predictions to {output}")
     return 0
+
+
+def _check_is_classifier(model: str) -> None:
+    """A language-model folder would load with a new, random classifier head and label texts at random."""
+    from .stages import check_model_folder
+
+    if not check_model_folder(model):
+        return
+    config_file = Path(model, "config.json").expanduser()
+    architectures = json.loads(config_file.read_text()).get("architectures") or []
+    if not any(name.endswith("ForSequenceClassification") for name in architectures):
+        raise ValueError(
+            f"{model} holds a {', '.join(architectures) or 'model'}, not a classifier: predict needs a classifier "
+            "stage folder (e.g. runs/demo/classifier)."
+        )
 
 
 def command_generate(args: argparse.Namespace) -> int:
@@ -235,6 +280,9 @@ def command_generate(args: argparse.Namespace) -> int:
 
     import modeling_awd_lstm  # noqa: F401  (registers the Auto classes)
 
+    from .stages import check_model_folder
+
+    check_model_folder(args.model)
     torch.manual_seed(args.seed)
     generator = pipeline("text-generation", model=args.model, trust_remote_code=True)
     sampling = {"do_sample": False} if args.greedy else {"do_sample": True, "temperature": args.temperature, "top_k": args.top_k}

@@ -30,6 +30,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import torch
+from datasets.fingerprint import Hasher
 from transformers import PreTrainedTokenizerBase
 from transformers.utils import logging
 
@@ -109,6 +110,8 @@ class DataSpec:
             blank lines) or `"document"` (the whole file).
         cache_dir (`str`, *optional*):
             Where `datasets` caches what it reads; defaults to the `datasets` cache.
+        description (`str`, *optional*), license (`str`, *optional*):
+            What the data is and its licence, for the model card of a stage trained on it.
     """
 
     path: str
@@ -121,10 +124,18 @@ class DataSpec:
     encoding: str | None = None
     sample_by: Literal["line", "paragraph", "document"] | None = None
     cache_dir: str | None = None
+    description: str | None = None
+    license: str | None = None
 
     def __post_init__(self):
         if self.format is not None and self.format not in FORMATS:
             raise ValueError(f"Unknown data format {self.format!r}; choose one of {', '.join(FORMATS)}.")
+        if self.label_names is not None and (
+            not isinstance(self.label_names, (list, tuple)) or not all(isinstance(n, str) for n in self.label_names)
+        ):
+            raise ValueError(
+                f"label_names must be a list of class names, e.g. [neg, pos]; got {self.label_names!r}."
+            )
         if self.sample_by is not None and self.sample_by not in ("line", "paragraph", "document"):
             raise ValueError(f"sample_by must be 'line', 'paragraph' or 'document', not {self.sample_by!r}.")
 
@@ -223,14 +234,16 @@ def _load_local(builder: str, path: str | list[str], spec: DataSpec, **options) 
         return datasets.load_dataset(builder, data_files=files, split="train", cache_dir=spec.cache_dir, **options)
     except Exception as error:
         cause = error
-        while cause is not None and not isinstance(cause, UnicodeDecodeError):
+        while cause is not None and not isinstance(cause, (UnicodeDecodeError, pa.ArrowInvalid)):
             cause = cause.__cause__ or cause.__context__
-        if cause is None:
-            raise
-        raise DataValidationError(
-            f"{spec.path!r} is not valid {encoding} text ({cause}); set `encoding` in the data spec to the files' "
-            "encoding (e.g. 'latin-1')."
-        ) from error
+        if isinstance(cause, UnicodeDecodeError):
+            raise DataValidationError(
+                f"{spec.path!r} is not valid {encoding} text ({cause}); set `encoding` in the data spec to the files' "
+                "encoding (e.g. 'latin-1')."
+            ) from error
+        if isinstance(cause, pa.ArrowInvalid):
+            raise DataValidationError(f"{spec.path!r} could not be read as {builder}: {cause}. Fix or remove that row.") from error
+        raise
 
 
 def _is_compressed(path: str) -> bool:
@@ -344,6 +357,8 @@ def validate_dataset(
     Checks that the text column (and the label column, when given) exists, that every text is a non-empty string,
     and that every label belongs to the label set (`label_names`, or the ids `0..n-1` for integer labels).
     """
+    if len(dataset) == 0:
+        raise DataValidationError("The dataset has no rows (an empty file, or a header alone): give it some text.")
     _check_columns(dataset, [text_column] + ([label_column] if label_column is not None else []))
     _check_texts(dataset, text_column)
     if label_column is not None:
@@ -500,6 +515,8 @@ def tokenize_for_lm(
     model that reads text from the end; a backward classifier reverses its documents itself (`config.backwards`).
     """
     _check_columns(dataset, [text_column])
+    if num_proc is None and len(dataset) >= PARALLEL_TOKENIZATION_MIN_DOCUMENTS:
+        num_proc = os.cpu_count()
     return dataset.map(
         _tokenize_batch,
         batched=True,
@@ -507,8 +524,26 @@ def tokenize_for_lm(
         remove_columns=dataset.column_names,
         fn_kwargs={"tokenizer": tokenizer, "max_length": None, "backwards": backwards},
         num_proc=num_proc,
+        # Keyed by what decides the ids, not by the tokenizer object: one rebuilt or reloaded from a checkpoint (as
+        # a resumed stage does) finds the same cached tokens.
+        new_fingerprint=Hasher.hash([dataset._fingerprint, text_column, backwards, tokenizer_fingerprint(tokenizer)]),
         desc="Tokenizing",
     )
+
+
+# Above this many documents a corpus is tokenized by one process per core.
+PARALLEL_TOKENIZATION_MIN_DOCUMENTS = 20_000
+
+
+def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
+    """A hash of what decides a tokenizer's ids (its class, vocabulary and rules), wherever it was loaded from."""
+    if getattr(tokenizer, "is_fast", False):
+        state = [type(tokenizer).__name__, tokenizer.backend_tokenizer.to_str()]
+    else:
+        vocabulary = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+        state = [type(tokenizer).__name__, vocabulary, getattr(tokenizer, "lang", None),
+                 getattr(tokenizer, "special_tokens_pattern", None)]
+    return Hasher.hash(state)
 
 
 def _tokenize_batch(

@@ -63,6 +63,8 @@ class StageRecord:
     # `license` and `hub` (the dataset's Hub id, listed in the card's `datasets`).
     data: list[dict[str, str]] = field(default_factory=list)
     model_summary: str = ""
+    # The same data and split without ULMFiT, e.g. {"from_scratch_test_accuracy": 0.81, "tfidf_test_accuracy": 0.87}.
+    baselines: dict[str, float] = field(default_factory=dict)
     language: str = "en"
     license: str | None = None
 
@@ -137,6 +139,7 @@ def render_model_card(record: StageRecord, repo_id: str, folder: str | Path | No
         parent=record.parent,
         parent_repo_id=base_model,
         results=results,
+        baselines=record.baselines,
         curves=CURVES_FILE if has_curves else None,
         auto_class=AUTO_CLASSES[stage["kind"]],
         pipeline_tag=pipeline_tag,

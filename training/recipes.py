@@ -14,6 +14,7 @@ import typing
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Any, Literal
 
 import yaml
@@ -72,6 +73,7 @@ class StageSpec:
     tokenizer: TokenizerSpec | None = None
     drop_mult: float | None = None
     compare_from_scratch: bool = False  # classifier: also train it from random weights, to show what stages 1-2 add
+    compare_tfidf: bool = False  # classifier: also fit TF-IDF + logistic regression on the same training split
     training: dict[str, Any] = field(default_factory=dict)
 
 
@@ -114,13 +116,14 @@ def available_recipes() -> list[str]:
 def load_recipe(
     name_or_path: str,
     overrides: list[str] | None = None,
-    training_fields: set[str] | None = None,
+    training_fields: Mapping[str, Any] | set[str] | None = None,
     check_files: bool = True,
 ) -> Recipe:
     """Reads, overrides and validates a recipe: a file path, or the name of a recipe in `hub_configs/` ("demo").
 
     `overrides` are `dotted.key=value` strings, the value parsed as YAML. `training_fields` are the valid keys of each
-    stage's `training:` mapping (the ULMFiT training arguments); local data files are checked when `check_files`.
+    stage's `training:` mapping (the ULMFiT training arguments), with their types when given as a mapping (values are
+    then checked and converted: `1e-3` becomes a float); local data files are checked when `check_files`.
     """
     path = _resolve_recipe_path(name_or_path)
     text = path.read_text(encoding="utf-8")
@@ -132,6 +135,10 @@ def load_recipe(
         raise RecipeError(f"{path}: a recipe is a mapping of keys to values.")
     for override in overrides or []:
         _apply_override(values, override)
+    stages = values.get("stages")
+    unknown = sorted(set(stages) - set(STAGE_ORDER)) if isinstance(stages, dict) else []
+    if unknown:  # before the stage is built, which would ask for its missing keys first
+        raise RecipeError(f"Unknown stage `stages.{unknown[0]}`; stages are {', '.join(STAGE_ORDER)}.")
     recipe = _build(Recipe, values, "")
     recipe.source = str(path)
     _check_recipe(recipe, path, training_fields, check_files)
@@ -214,6 +221,11 @@ def _convert(annotation: Any, value: Any, where: str) -> Any:
         return value
     if annotation is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if annotation is float and isinstance(value, str):
+        try:  # YAML 1.1 reads `1e-3` (no dot) as a string
+            return float(value)
+        except ValueError:
+            pass
     if annotation in (int, float, str, bool) and (not isinstance(value, annotation) or (annotation is int and isinstance(value, bool))):
         raise RecipeError(f"`{where}` must be {annotation.__name__}, got {value!r} ({type(value).__name__}).")
     return value
@@ -226,13 +238,13 @@ def _join(where: str, key: str) -> str:
 # ----------------------------------------------------------------------------------------------------------------------
 # Checks across keys
 # ----------------------------------------------------------------------------------------------------------------------
-def _check_recipe(recipe: Recipe, path: Path, training_fields: set[str] | None, check_files: bool) -> None:
+def _check_recipe(
+    recipe: Recipe, path: Path, training_fields: Mapping[str, Any] | set[str] | None, check_files: bool
+) -> None:
     if not recipe.stages:
         raise RecipeError(f"{path}: `stages` is empty; give at least one of {', '.join(STAGE_ORDER)}.")
     for stage_name, stage in recipe.stages.items():
         where = f"stages.{stage_name}"
-        if stage_name not in STAGE_ORDER:
-            raise RecipeError(f"Unknown stage `{where}`; stages are {', '.join(STAGE_ORDER)}.")
         if stage.parent is not None and stage.parent in STAGE_ORDER and stage.parent not in recipe.stages:
             raise RecipeError(f"`{where}.parent` names stage {stage.parent!r}, which this recipe does not define.")
         if stage.parent is not None and stage.parent in STAGE_ORDER:
@@ -243,9 +255,14 @@ def _check_recipe(recipe: Recipe, path: Path, training_fields: set[str] | None, 
         if not 0.0 <= stage.eval_fraction < 1.0:
             raise RecipeError(f"`{where}.eval_fraction` must be in [0, 1), got {stage.eval_fraction}.")
         if training_fields is not None:
-            unknown = sorted(set(stage.training) - training_fields)
+            unknown = sorted(set(stage.training) - set(training_fields))
             if unknown:
                 raise RecipeError(f"Unknown training argument `{where}.training.{unknown[0]}`.")
+            if isinstance(training_fields, Mapping):
+                stage.training = {
+                    name: _convert(training_fields[name], value, f"{where}.training.{name}")
+                    for name, value in stage.training.items()
+                }
         if check_files:
             for key in ("data", "eval_data", "test_data"):
                 spec = getattr(stage, key)

@@ -4,14 +4,20 @@ Each stage starts from its parent (a stage of the same recipe, a local stage fol
 self-contained folder (model, tokenizer, record, curves, card) and returns a short summary.
 """
 
+import ctypes
 import dataclasses
 import glob
+import json
 import math
+import os
+import shutil
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, set_seed
+from transformers.trainer_utils import get_last_checkpoint
 
 from modeling_awd_lstm import AwdLstmConfig, AwdLstmForCausalLM, AwdLstmForSequenceClassification
 
@@ -25,10 +31,10 @@ from .data import (
     tokenize_for_lm,
     validate_dataset,
 )
-from .hub import CURVES_FILE, StageRecord, push_stage, write_model_card
+from .hub import CURVES_FILE, STAGE_FILE, StageRecord, push_stage, render_model_card
 from .metrics import classification_compute_metrics
 from .plots import plot_training_curves
-from .recipes import STAGE_ORDER, Recipe, StageSpec, TokenizerSpec
+from .recipes import STAGE_ORDER, Recipe, RecipeError, StageSpec, TokenizerSpec
 from .tokenizer_training import train_fastai_tokenizer, train_subword_tokenizer
 from .trainer import ULMFiTTrainer, ULMFiTTrainingArguments
 
@@ -41,13 +47,111 @@ class StageResult:
     seconds: float
     tokens_per_second: float
     pushed_to: str | None = None
-    extra: dict[str, float] = field(default_factory=dict)
+    # The same task without ULMFiT (classifiers): the from-scratch twin and TF-IDF + logistic regression.
+    baselines: dict[str, float] = field(default_factory=dict)
     processes: int = 1
     is_main: bool = True
+    # How the stage got its weights: "trained", "resumed from checkpoint-<step>" or "reused" (finished earlier).
+    status: str = "trained"
+
+
+CHECKPOINTS = "checkpoints"
+# What an interrupted stage was started with; a run that resumes it must ask for the same.
+RUN_SETTINGS_FILE = "ulmfit_run.json"
+
+
+# glibc's mallopt parameters and the environment variables that set them at start-up.
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+MALLOC_VARIABLES = ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_")
+
+
+def reuse_freed_memory() -> None:
+    """Keeps large freed blocks in the process instead of returning them to the system.
+
+    Training allocates and frees the same large blocks every step. By default glibc serves them with mmap and unmaps
+    them on free, so every step faults them in again, which on a small CPU costs a large part of each step. Keeping
+    them raises the peak memory to a few times the live one. This does
+    what `MALLOC_MMAP_THRESHOLD_=1073741824 MALLOC_TRIM_THRESHOLD_=2147483647` would; a process started with either
+    variable keeps its own choice. Linux with glibc only.
+    """
+    if not sys.platform.startswith("linux") or any(name in os.environ for name in MALLOC_VARIABLES):
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # another C library
+        return
+    libc.mallopt(M_TRIM_THRESHOLD, ctypes.c_int(2**31 - 1))
+    libc.mallopt(M_MMAP_THRESHOLD, ctypes.c_int(2**30))
 
 
 def stage_folder(recipe: Recipe, output_dir: str | Path, stage: str) -> Path:
     return Path(output_dir) / stage
+
+
+def is_finished(folder: str | Path) -> bool:
+    """A stage is finished once its record is written: the last file a stage writes."""
+    return Path(folder, STAGE_FILE).is_file()
+
+
+def last_checkpoint(folder: str | Path) -> str | None:
+    """The latest complete checkpoint of the stage in `folder` (checkpoints are renamed into place once written)."""
+    checkpoints = Path(folder, CHECKPOINTS)
+    return get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
+
+
+def prepare_stage_folder(folder: Path, settings: dict, overwrite: bool = False, restart: bool = False) -> str | None:
+    """Makes `folder` ready for a stage and returns the checkpoint to resume from, if any.
+
+    A finished stage is replaced only with `overwrite`, and then emptied first so that no file of the old run stays
+    beside the new one. An interrupted stage resumes from its last checkpoint, unless `restart`, if it was started
+    with the same `settings`. A folder holding anything that no stage wrote is refused.
+    """
+    if is_finished(folder) and not overwrite:
+        raise FileExistsError(f"{folder} holds a finished stage; pass --overwrite to train it again.")
+    checkpoint = last_checkpoint(folder)
+    if checkpoint is not None and not (restart or overwrite):
+        saved = json.loads(Path(folder, CHECKPOINTS, RUN_SETTINGS_FILE).read_text())
+        changed = _changed_keys(saved, settings)
+        if changed:
+            raise ValueError(
+                f"{folder} holds an interrupted run started with other settings ({', '.join(changed[:3])} differ): "
+                "run the command it was started with to resume it, or pass --restart to discard it."
+            )
+        return checkpoint
+    if folder.exists() and any(folder.iterdir()):
+        if not (is_finished(folder) or Path(folder, CHECKPOINTS).is_dir()):
+            raise FileExistsError(
+                f"{folder} holds files that no ULMFiT stage wrote; choose another --output-dir or empty it."
+            )
+        shutil.rmtree(folder)
+    Path(folder, CHECKPOINTS).mkdir(parents=True)
+    Path(folder, CHECKPOINTS, RUN_SETTINGS_FILE).write_text(json.dumps(settings, indent=2, default=str) + "\n")
+    return None
+
+
+def _changed_keys(old, new, where: str = "") -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [key for name in sorted(set(old) | set(new))
+                for key in _changed_keys(old.get(name), new.get(name), f"{where}.{name}" if where else name)]
+    return [] if old == new else [where or "settings"]
+
+
+def _run_settings(recipe: Recipe, stage_name: str, parent_path: str | None, overrides: dict) -> dict:
+    """Everything a stage's result depends on, as JSON values, to tell whether a rerun continues the same run."""
+    spec = recipe.stages[stage_name]
+    values = {
+        "recipe": recipe.name, "stage": stage_name, "seed": recipe.seed, "parent": parent_path,
+        "model": dataclasses.asdict(recipe.model), "tokenizer": dataclasses.asdict(recipe.tokenizer),
+        "spec": dataclasses.asdict(spec), "training_overrides": overrides,
+    }
+    return json.loads(json.dumps(values, default=str))
+
+
+def reused_result(stage_name: str, folder: Path) -> StageResult:
+    """The summary of a stage finished by an earlier run, from its record."""
+    record = StageRecord.load(folder)
+    return StageResult(stage=stage_name, folder=str(folder), metrics=record.metrics, seconds=0.0,
+                       tokens_per_second=0.0, baselines=record.baselines, status="reused")
 
 
 def resolve_parent(recipe: Recipe, stage: StageSpec, output_dir: Path, parent_override: str | None = None) -> str | None:
@@ -57,13 +161,35 @@ def resolve_parent(recipe: Recipe, stage: StageSpec, output_dir: Path, parent_ov
         return None
     if parent in STAGE_ORDER:
         folder = stage_folder(recipe, output_dir, parent)
-        if not (folder / "config.json").exists():
+        if not is_finished(folder):
             raise FileNotFoundError(
-                f"Stage {parent!r} has not been run: {folder} has no model. Run it first (`ulmfit run` runs every "
-                f"stage), or pass --parent with a stage folder or Hub repository."
+                f"Stage {parent!r} has not finished: {folder} holds no finished stage. Run it first (`ulmfit run` runs "
+                f"every stage and resumes an interrupted one), or pass --parent with a stage folder or Hub repository."
             )
         return str(folder)
+    check_model_folder(parent, f" or one of this recipe's stages ({', '.join(recipe.stages)})")
     return parent
+
+
+def check_model_folder(model: str, alternatives: str = "") -> bool:
+    """Whether `model` is a local model folder, checked to be complete; a local path that holds no model, or a
+    damaged one, fails here with its name rather than later as a Hub lookup or a traceback."""
+    folder = Path(model).expanduser()
+    if not (folder / "config.json").is_file():
+        if folder.exists() or model.startswith((".", "/", "~")):
+            raise FileNotFoundError(
+                f"{model} holds no model (no config.json): pass a stage folder or a Hub repository id{alternatives}."
+            )
+        return False  # a Hub repository id
+    from safetensors import SafetensorError, safe_open
+
+    for weights in folder.glob("*.safetensors"):
+        try:
+            with safe_open(str(weights), framework="pt"):
+                pass
+        except SafetensorError as error:
+            raise ValueError(f"{weights} is damaged ({error}): copy it again, or train the stage again.") from None
+    return True
 
 
 def _split_eval(dataset, spec: StageSpec, seed: int):
@@ -90,9 +216,23 @@ def build_tokenizer(spec: TokenizerSpec, dataset, text_column: str) -> PreTraine
     return train_subword_tokenizer(dataset, vocab_size=spec.vocab_size, model=spec.subword_model, text_column=text_column)
 
 
+def check_training_arguments(recipe: Recipe, overrides: dict | None = None) -> None:
+    """Builds every stage's training arguments, so a value that cannot train fails before any work, naming the stage."""
+    for name, spec in recipe.stages.items():
+        try:
+            _training_arguments(recipe, spec, Path("."), overrides or {}, from_scratch=spec.parent is None)
+        except (TypeError, ValueError) as error:
+            raise RecipeError(f"`stages.{name}.training`: {error}") from error
+
+
 def _training_arguments(
     recipe: Recipe, spec: StageSpec, folder: Path, overrides: dict, from_scratch: bool
 ) -> ULMFiTTrainingArguments:
+    if "resume_from_checkpoint" in {**spec.training, **overrides}:
+        raise ValueError(
+            "resume_from_checkpoint is not set by hand: running a stage's command again resumes it from its last "
+            "checkpoint (--restart starts it over)."
+        )
     values = dict(
         output_dir=str(folder / "checkpoints"),
         seed=recipe.seed,
@@ -111,7 +251,12 @@ def _training_arguments(
         values.setdefault("discriminative_lr_factor", 1.0)
     # Evaluation keeps no graph: twice the training batch fits, as fastai does.
     values.setdefault("per_device_eval_batch_size", 2 * values.get("per_device_train_batch_size", 8))
-    return ULMFiTTrainingArguments(**values)
+    args = ULMFiTTrainingArguments(**values)
+    if args.learning_rate <= 0:  # a stage that cannot learn
+        raise ValueError(f"learning_rate must be positive; got {args.learning_rate}.")
+    if args.max_steps <= 0 and args.num_train_epochs <= 0:
+        raise ValueError(f"num_train_epochs must be positive (or set max_steps); got {args.num_train_epochs}.")
+    return args
 
 
 def run_stage(
@@ -122,35 +267,58 @@ def run_stage(
     training_overrides: dict | None = None,
     push: bool | None = None,
     token: str | None = None,
+    overwrite: bool = False,
+    restart: bool = False,
 ) -> StageResult:
-    """Runs one stage of `recipe` and returns its summary; the stage folder is `output_dir/stage_name`."""
+    """Runs one stage of `recipe` and returns its summary; the stage folder is `output_dir/stage_name`.
+
+    A finished stage is kept and its summary returned (`status="reused"`) unless `overwrite`; an interrupted one
+    continues from its last checkpoint unless `restart`.
+    """
     spec = recipe.stages[stage_name]
     output_dir = Path(output_dir)
     folder = stage_folder(recipe, output_dir, stage_name)
-    folder.mkdir(parents=True, exist_ok=True)
+    if is_finished(folder) and not overwrite:
+        return reused_result(stage_name, folder)
+    reuse_freed_memory()
     parent_path = resolve_parent(recipe, spec, output_dir, parent)
     if stage_name != "pretrain" and parent_path is None:
         raise ValueError(f"Stage {stage_name!r} needs a parent: set `stages.{stage_name}.parent` or pass --parent.")
     started = time.time()
     is_classifier = stage_name == "classifier"
-    args = _training_arguments(recipe, spec, folder, training_overrides or {}, from_scratch=parent_path is None)
+    overrides = training_overrides or {}
+    args = _training_arguments(recipe, spec, folder, overrides, from_scratch=parent_path is None)
+    settings = _run_settings(recipe, stage_name, parent_path, overrides)
+    with args.main_process_first(desc=f"{stage_name}: preparing the stage folder"):
+        if args.should_save:
+            resume_from = prepare_stage_folder(folder, settings, overwrite=overwrite, restart=restart)
+        else:
+            resume_from = last_checkpoint(folder)
+    set_seed(args.seed)  # the model's initial weights and the classifier head come from it
     # Under several processes the main one reads, tokenizes and caches first; the others reuse its caches.
     with args.main_process_first(desc=f"{stage_name}: preparing data"):
-        tokenizer, train, evaluation = _prepare_data(spec, parent_path, recipe.seed, is_classifier, recipe)
+        tokenizer, train, evaluation = _prepare_data(spec, parent_path, recipe.seed, is_classifier, recipe, resume_from)
         if is_classifier:
             model, trainer, test = _classifier_trainer(recipe, spec, parent_path, tokenizer, train, evaluation, args)
         else:
             model, trainer = _language_model_trainer(recipe, spec, parent_path, tokenizer, train, evaluation, args)
             test = None
 
-    train_output = trainer.train()
+    tokens_before = _tokens_seen(resume_from)  # read now: the resumed run's own checkpoints rotate it away
+    train_output = trainer.train(resume_from_checkpoint=resume_from)
     metrics = _final_metrics(trainer, evaluation, test, is_classifier)
-    extra = _train_from_scratch(model.config, args, trainer, test, folder) if is_classifier and spec.compare_from_scratch else {}
+    baselines = {}
+    if is_classifier and spec.compare_from_scratch:
+        baselines.update(_train_from_scratch(model.config, args, trainer, test, folder))
+    if is_classifier and spec.compare_tfidf:
+        baselines.update(_tfidf_baseline(spec, train, evaluation, args.seed))
     seconds = time.time() - started
     result = StageResult(
         stage=stage_name, folder=str(folder), metrics=metrics, seconds=seconds,
-        tokens_per_second=trainer.state.num_input_tokens_seen / max(train_output.metrics["train_runtime"], 1e-9),
-        extra=extra, processes=args.world_size, is_main=trainer.is_world_process_zero(),
+        tokens_per_second=(trainer.state.num_input_tokens_seen - tokens_before)
+        / max(train_output.metrics["train_runtime"], 1e-9),
+        baselines=baselines, processes=args.world_size, is_main=trainer.is_world_process_zero(),
+        status=f"resumed from {Path(resume_from).name}" if resume_from else "trained",
     )
     if not result.is_main:
         return result
@@ -164,21 +332,33 @@ def run_stage(
         recipe=recipe.name,
         model_name=(repo_id or f"{recipe.name}-{stage_name}").split("/")[-1],
         parent=_parent_name(recipe, spec, parent_path, parent),
-        metrics={**metrics, **extra},
+        metrics=metrics,
+        baselines=baselines,
         eval_split="test" if test is not None else "validation",
         hyperparameters=_hyperparameters(model, args),
         data=_provenance(spec),
         model_summary=_model_summary(model),
     )
-    record.save(folder)
-    write_model_card(folder, repo_id or record.model_name)
+    render_model_card(record, repo_id or record.model_name, folder).save(folder / "README.md")
+    record.save(folder)  # last: the record marks the stage finished
     if (recipe.hub.push if push is None else push) and repo_id:
         result.pushed_to = push_stage(folder, repo_id, token=token, tag=recipe.hub.tag, private=recipe.hub.private)
     return result
 
 
-def _prepare_data(spec: StageSpec, parent_path: str | None, seed: int, is_classifier: bool, recipe: Recipe):
-    """The stage's tokenizer and its validated training and evaluation sets."""
+def _tokens_seen(checkpoint: str | None) -> int:
+    """Tokens read before `checkpoint`: a resumed run counts them, while its runtime starts at the resume."""
+    if checkpoint is None:
+        return 0
+    return json.loads(Path(checkpoint, "trainer_state.json").read_text()).get("num_input_tokens_seen", 0)
+
+
+def _prepare_data(
+    spec: StageSpec, parent_path: str | None, seed: int, is_classifier: bool, recipe: Recipe,
+    resume_from: str | None = None,
+):
+    """The stage's tokenizer and its validated training and evaluation sets. An interrupted stage that built its
+    own tokenizer gets it back from its checkpoint rather than building it again."""
     train = _read(spec.data, labelled=is_classifier, max_documents=spec.max_documents)
     train, held_out = _split_eval(train, spec, seed)
     evaluation = (
@@ -187,7 +367,10 @@ def _prepare_data(spec: StageSpec, parent_path: str | None, seed: int, is_classi
         else held_out
     )
     tokenizer_spec = spec.tokenizer or recipe.tokenizer
-    if parent_path is None or tokenizer_spec.rebuild:
+    builds_tokenizer = parent_path is None or tokenizer_spec.rebuild
+    if builds_tokenizer and resume_from is not None:
+        tokenizer = AutoTokenizer.from_pretrained(resume_from, trust_remote_code=True)
+    elif builds_tokenizer:
         tokenizer = build_tokenizer(tokenizer_spec, train, spec.data.text_column)
     else:
         tokenizer = AutoTokenizer.from_pretrained(parent_path, trust_remote_code=True)
@@ -196,6 +379,7 @@ def _prepare_data(spec: StageSpec, parent_path: str | None, seed: int, is_classi
 
 def _train_from_scratch(config, args, trainer, test, folder: Path) -> dict[str, float]:
     """The same classifier, data and schedule from random weights: what stages 1 and 2 add."""
+    set_seed(args.seed)
     scratch = AwdLstmForSequenceClassification(config)
     scratch_args = dataclasses.replace(args, output_dir=str(folder / "from_scratch"), save_strategy="no")
     scratch_trainer = ULMFiTTrainer(
@@ -206,6 +390,22 @@ def _train_from_scratch(config, args, trainer, test, folder: Path) -> dict[str, 
     scratch_trainer.train()
     metrics = _final_metrics(scratch_trainer, None, test, is_classifier=True)
     return {f"from_scratch_{name}": value for name, value in metrics.items() if name.endswith("accuracy")}
+
+
+def _tfidf_baseline(spec: StageSpec, train, evaluation, seed: int) -> dict[str, float]:
+    """TF-IDF + logistic regression fit on the classifier's own training split, scored where the classifier is."""
+    from .baselines import tfidf_logreg
+
+    scored_spec, prefix = (spec.test_data, "test") if spec.test_data is not None else (spec.eval_data or spec.data, "eval")
+    scored = _read(spec.test_data, labelled=True) if spec.test_data is not None else evaluation
+    if scored is None:
+        return {}
+
+    def pairs(dataset, data_spec):
+        return dataset[data_spec.text_column], [str(label) for label in dataset[data_spec.label_column]]
+
+    result = tfidf_logreg(pairs(train, spec.data), pairs(scored, scored_spec), seed)
+    return {f"tfidf_{prefix}_accuracy": result["test_accuracy"]}
 
 
 def _language_model_trainer(recipe, spec, parent_path, tokenizer, train, evaluation, args):
@@ -240,6 +440,11 @@ def _classifier_trainer(recipe, spec, parent_path, tokenizer, train, evaluation,
     label_column = spec.data.label_column
     train, label2id, id2label = encode_labels(train, label_column=label_column, label_names=spec.data.label_names)
     names = [id2label[i] for i in range(len(id2label))]
+    if len(names) < 2:
+        raise ValueError(
+            f"The classifier's training data has {len(names)} class(es) {names} in column {label_column!r}: a "
+            "classifier needs at least two. Check the label column and the data, or set label_names."
+        )
     model = AwdLstmForSequenceClassification.from_pretrained(
         parent_path, num_labels=len(names), id2label=id2label, label2id=label2id,
         **AwdLstmConfig.dropouts("classifier", _drop_mult(recipe, spec)),
@@ -340,10 +545,12 @@ def _provenance(spec: StageSpec) -> list[dict[str, str]]:
         files = [data.path] if Path(data.path).exists() else sorted(glob.glob(data.path))
         local = bool(files)
         names = ", ".join(f"`{Path(name).name}`" for name in files) if local else f"`{data.path}`"
-        entry = {"role": role, "description": names}
+        entry = {"role": role, "description": f"{data.description} ({names})" if data.description else names}
         if not local:
             entry["hub"] = data.path
-        if "demo_data" in data.path:
+        if data.license:
+            entry["license"] = data.license
+        elif "demo_data" in data.path:
             entry["license"] = "see training/demo_data/PROVENANCE.md (WikiText: CC BY-SA 3.0; IMDb: research use)"
         sources.append(entry)
     return sources
@@ -361,16 +568,19 @@ def summarize(recipe: Recipe, results: list[StageResult]) -> str:
     """Prints and returns the end-of-run summary: per stage its metric, time, tokens/s and where it went."""
     processes = results[0].processes if results else 1
     lines = [f"\nULMFiT run `{recipe.name}` (processes {processes})", ""]
-    lines.append(f"| stage | {'metric':<28} | {'time':>8} | {'tokens/s':>9} | saved to / pushed to |")
-    lines.append(f"|---|{'-' * 30}|{'-' * 10}|{'-' * 11}|---|")
+    lines.append(f"| stage | {'metric':<28} | {'time':>8} | {'tokens/s':>9} | {'weights':<28} | saved to / pushed to |")
+    lines.append(f"|---|{'-' * 30}|{'-' * 10}|{'-' * 11}|{'-' * 30}|---|")
     for result in results:
         metric = ", ".join(f"{name} {value:.4g}" for name, value in result.metrics.items() if not name.endswith("error_rate"))
         where = result.folder + (f" -> {result.pushed_to}" if result.pushed_to else "")
-        lines.append(
-            f"| {result.stage} | {metric:<28} | {result.seconds:>7.0f}s | {result.tokens_per_second:>9.0f} | {where} |"
-        )
-        for name, value in result.extra.items():
-            lines.append(f"| {result.stage} | {name} {value:.4g}{'':<8} | | | |")
+        status = "reused (finished earlier)" if result.status == "reused" else result.status
+        seconds, speed = (("-", "-") if result.status == "reused"
+                          else (f"{result.seconds:.0f}s", f"{result.tokens_per_second:.0f}"))
+        lines.append(f"| {result.stage} | {metric:<28} | {seconds:>8} | {speed:>9} | {status:<28} | {where} |")
+        for name, value in result.baselines.items():
+            lines.append(f"| {result.stage} | {name} {value:.4g}{'':<8} | | | baseline{'':<20} | |")
+    if any(result.status == "reused" for result in results):
+        lines += ["", "Finished stages were kept; pass --overwrite to train them again."]
     text = "\n".join(lines)
     print(text)
     return text

@@ -11,6 +11,8 @@ gzip; one document per non-blank line).
 """
 
 import gzip
+import itertools
+import multiprocessing
 import os
 from collections import Counter
 from collections.abc import Iterable, Iterator
@@ -122,17 +124,60 @@ def train_fastai_tokenizer(
     lang: str = "en",
     encoding: str = "utf-8",
     show_progress: bool = True,
+    num_proc: int | None = None,
 ) -> AwdLstmTokenizer:
     """The ULMFiT word-level tokenizer for a corpus, with fastai's vocabulary for it.
 
     Tokens are counted as fastai's `tokenize_df` counts them (every document starts with xxbos, documents in order, so
     ties in frequency keep fastai's order), then `make_vocab(counter, min_freq, max_vocab)` picks the vocabulary.
+    `num_proc` processes count (default: one per core for a dataset or list of 20,000 documents or more).
     """
     tokenizer = AwdLstmTokenizer(vocab=list(FASTAI_SPECIAL_TOKENS), lang=lang)  # the rules and spaCy need no vocab
+    texts = iter_texts(source, text_column, encoding, show_progress, desc="Tokenizing (fastai rules + spaCy)")
     counter = Counter()
-    for text in iter_texts(source, text_column, encoding, show_progress, desc="Tokenizing (fastai rules + spaCy)"):
-        counter.update([BOS, *tokenizer.tokenize(text)])
+    if num_proc is None:
+        num_proc = os.cpu_count() if _num_documents(source) >= PARALLEL_COUNTING_MIN_DOCUMENTS else 1
+    if num_proc <= 1:
+        for text in texts:
+            _count_document(counter, tokenizer, text)
+    else:
+        # Chunks come back in order and Counter.update keeps first-seen order, so ties in frequency (and with them
+        # the vocabulary) are exactly those of counting in one process.
+        with multiprocessing.Pool(num_proc, initializer=_start_counting_worker, initargs=(tokenizer,)) as pool:
+            for chunk_counter in pool.imap(_count_chunk, _chunks(texts, COUNTING_CHUNK_DOCUMENTS)):
+                counter.update(chunk_counter)
     return AwdLstmTokenizer(vocab=make_vocab(counter, min_freq=min_freq, max_vocab=max_vocab), lang=lang)
+
+
+# Above this many documents the tokens are counted by one process per core, in chunks of this many documents.
+PARALLEL_COUNTING_MIN_DOCUMENTS = 20_000
+COUNTING_CHUNK_DOCUMENTS = 200
+_worker_tokenizer: AwdLstmTokenizer | None = None
+
+
+def _num_documents(source) -> int:
+    return source.num_rows if isinstance(source, Dataset) else len(source) if isinstance(source, (list, tuple)) else 0
+
+
+def _count_document(counter: Counter, tokenizer: AwdLstmTokenizer, text: str) -> None:
+    counter.update([BOS, *tokenizer.tokenize(text)])
+
+
+def _chunks(texts: Iterator[str], size: int) -> Iterator[list[str]]:
+    while chunk := list(itertools.islice(texts, size)):
+        yield chunk
+
+
+def _start_counting_worker(tokenizer: AwdLstmTokenizer) -> None:
+    global _worker_tokenizer
+    _worker_tokenizer = tokenizer
+
+
+def _count_chunk(texts: list[str]) -> Counter:
+    counter = Counter()
+    for text in texts:
+        _count_document(counter, _worker_tokenizer, text)
+    return counter
 
 
 def train_subword_tokenizer(
