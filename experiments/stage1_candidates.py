@@ -33,6 +33,10 @@ CANDIDATES = {
     "words30k-256/1024-b64": ["model.emb_size=256", "model.hidden_size=1024"],
     "subword15k-128/512-b64": ["tokenizer.kind=subword", "tokenizer.vocab_size=15000"],
     "words30k-128/512-b128": ["stages.pretrain.training.per_device_train_batch_size=128"],
+    # fastai's from-scratch language-model recipe: every layer at one rate, 1e-2.
+    "words30k-128/512-b64-one-rate-1e-2": [
+        "stages.pretrain.training.learning_rate=0.01", "stages.pretrain.training.discriminative_lr_factor=1.0"
+    ],
 }
 
 

@@ -58,6 +58,10 @@ def test_run_writes_three_loadable_stages_and_the_classifier_beats_chance(demo_r
     # The 500 held-out TREC_10 questions: the most frequent class (NUM) is 22.6%, chance 1/6.
     assert record["metrics"]["test_accuracy"] > 0.5, record["metrics"]
     assert record["parent"] == str(demo_run / "finetune_lm")
+    # The demo's honest baseline, fit on the same training split and scored on the same test questions.
+    assert record["baselines"]["tfidf_test_accuracy"] > 0.5
+    assert "tfidf_test_accuracy" not in record["metrics"]
+    assert "tfidf_test_accuracy" in (demo_run / "classifier" / "README.md").read_text()
 
 
 def test_predict_writes_labels_and_probabilities(demo_run, tmp_path):

@@ -322,6 +322,16 @@ def test_a_reloaded_tokenizer_finds_the_cached_tokens(tmp_path, wikitext_lines):
     assert tokenize_for_lm(dataset, built, backwards=True)._fingerprint != first._fingerprint
 
 
+def test_tokenizing_in_several_processes_gives_the_same_ids(wikitext_lines):
+    from training.tokenizer_training import train_fastai_tokenizer
+
+    dataset = datasets.Dataset.from_dict({"text": wikitext_lines[:60]})
+    words = train_fastai_tokenizer(dataset, min_freq=1, show_progress=False)
+    one = tokenize_for_lm(dataset, words, num_proc=1)
+    two = tokenize_for_lm(dataset, words, num_proc=2)
+    assert two["input_ids"] == one["input_ids"]
+
+
 def test_large_vocabularies_use_uint32_and_arrays_are_reused(tmp_path, wikitext_lines, tokenizer):
     dataset = datasets.Dataset.from_dict({"text": wikitext_lines[:50]})
     tokenized = tokenize_for_lm(dataset, tokenizer)

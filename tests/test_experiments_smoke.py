@@ -342,3 +342,24 @@ def test_fastai_stage3_schedule_is_our_trainers_group_by_group():
     for step, trainable in enumerate(Recorder.trainable):
         top = min(unfreezing.num_trainable(step // batches), num_groups)
         assert trainable == [i >= num_groups - top for i in range(num_groups)], step
+
+
+def test_stage1_evaluation_reports_perplexity_per_token_and_per_word(tmp_path):
+    """`experiments.stage1_evaluate` on WikiText text as published (the bundled lines of WikiText-2 validation)."""
+    from experiments.stage1_evaluate import evaluate_wikitext2
+
+    lines = _lines("wikitext2_valid.txt.gz", 200)
+    tokenizer = train_fastai_tokenizer(lines[:100], min_freq=2, show_progress=False)
+    model = AwdLstmForCausalLM(AwdLstmConfig(vocab_size=len(tokenizer), emb_size=16, hidden_size=32, num_layers=2, bptt=20))
+    model.save_pretrained(tmp_path / "lm")
+    tokenizer.save_pretrained(tmp_path / "lm")
+    text = tmp_path / "wiki.test.tokens"
+    text.write_text("\n".join(lines[100:]) + "\n")
+
+    result = evaluate_wikitext2(tmp_path / "lm", text, batch_size=4)
+    words = sum(len(line.split()) for line in lines[100:])
+    assert result["words"] == words
+    # Random weights: near a uniform guess over the vocabulary, per token; per word, more tokens than words.
+    assert 0.5 * len(tokenizer) < result["perplexity"] < 2 * len(tokenizer)
+    assert result["word_perplexity"] > result["perplexity"]
+    assert 0 < result["unknown_rate"] < 0.5

@@ -117,6 +117,9 @@ def test_an_interrupted_stage_resumes_only_with_its_own_settings(recipe, tmp_pat
     assert main(["pretrain", recipe, "--output-dir", str(out), "--set", "stages.pretrain.training.learning_rate=0.02"]) == 2
     error = capsys.readouterr().err
     assert "interrupted run started with other settings" in error and "learning_rate" in error and "--restart" in error
+    # A training argument the recipe does not set counts too.
+    assert main(["pretrain", recipe, "--output-dir", str(out), "--training", "max_grad_norm=0.5"]) == 2
+    assert "training.max_grad_norm differ" in capsys.readouterr().err
 
     assert main(["pretrain", recipe, "--output-dir", str(out), "--set", "stages.pretrain.training.learning_rate=0.02",
                  "--restart"]) == 0

@@ -34,6 +34,8 @@ from .data import (
 from .hub import CURVES_FILE, STAGE_FILE, StageRecord, push_stage, render_model_card
 from .metrics import classification_compute_metrics
 from .plots import plot_training_curves
+from .pretrained import PREFIX as PRETRAINED_PREFIX
+from .pretrained import shipped_model_folder
 from .recipes import STAGE_ORDER, Recipe, RecipeError, StageSpec, TokenizerSpec
 from .tokenizer_training import train_fastai_tokenizer, train_subword_tokenizer
 from .trainer import ULMFiTTrainer, ULMFiTTrainingArguments
@@ -130,21 +132,29 @@ def prepare_stage_folder(folder: Path, settings: dict, overwrite: bool = False, 
 
 
 def _changed_keys(old, new, where: str = "") -> list[str]:
+    # Keys on one side only are settings a newer version of this package added or dropped, not the user's changes.
     if isinstance(old, dict) and isinstance(new, dict):
-        return [key for name in sorted(set(old) | set(new))
-                for key in _changed_keys(old.get(name), new.get(name), f"{where}.{name}" if where else name)]
+        return [key for name in sorted(set(old) & set(new))
+                for key in _changed_keys(old[name], new[name], f"{where}.{name}" if where else name)]
     return [] if old == new else [where or "settings"]
 
 
-def _run_settings(recipe: Recipe, stage_name: str, parent_path: str | None, overrides: dict) -> dict:
-    """Everything a stage's result depends on, as JSON values, to tell whether a rerun continues the same run."""
-    spec = recipe.stages[stage_name]
+def _run_settings(recipe: Recipe, stage_name: str, parent_path: str | None, args: ULMFiTTrainingArguments) -> dict:
+    """Everything a stage's result depends on, as JSON values, to tell whether a rerun continues the same run: the
+    recipe's stage and every training argument in effect (the recipe's `training:` with the command's overrides)."""
+    spec = dataclasses.asdict(recipe.stages[stage_name])
+    spec.pop("training")
+    training = {name: value for name, value in args.to_dict().items() if name not in _RUN_LOCAL_ARGUMENTS}
     values = {
         "recipe": recipe.name, "stage": stage_name, "seed": recipe.seed, "parent": parent_path,
         "model": dataclasses.asdict(recipe.model), "tokenizer": dataclasses.asdict(recipe.tokenizer),
-        "spec": dataclasses.asdict(spec), "training_overrides": overrides,
+        "spec": spec, "training": training,
     }
     return json.loads(json.dumps(values, default=str))
+
+
+# Training arguments that may differ between the runs of one stage without changing its result.
+_RUN_LOCAL_ARGUMENTS = {"logging_dir", "disable_tqdm", "hub_token", "dataloader_num_workers"}
 
 
 def reused_result(stage_name: str, folder: Path) -> StageResult:
@@ -167,6 +177,8 @@ def resolve_parent(recipe: Recipe, stage: StageSpec, output_dir: Path, parent_ov
                 f"every stage and resumes an interrupted one), or pass --parent with a stage folder or Hub repository."
             )
         return str(folder)
+    if parent.startswith(PRETRAINED_PREFIX):
+        return str(shipped_model_folder(parent))
     check_model_folder(parent, f" or one of this recipe's stages ({', '.join(recipe.stages)})")
     return parent
 
@@ -288,7 +300,7 @@ def run_stage(
     is_classifier = stage_name == "classifier"
     overrides = training_overrides or {}
     args = _training_arguments(recipe, spec, folder, overrides, from_scratch=parent_path is None)
-    settings = _run_settings(recipe, stage_name, parent_path, overrides)
+    settings = _run_settings(recipe, stage_name, parent_path, args)
     with args.main_process_first(desc=f"{stage_name}: preparing the stage folder"):
         if args.should_save:
             resume_from = prepare_stage_folder(folder, settings, overwrite=overwrite, restart=restart)
@@ -515,7 +527,11 @@ def _drop_mult(recipe: Recipe, spec: StageSpec) -> float:
 
 
 def _parent_name(recipe: Recipe, spec: StageSpec, parent_path: str | None, given_parent: str | None) -> str | None:
-    """The parent's Hub repository when the recipe names one under an organization, else where it was loaded from."""
+    """The parent's Hub repository when the recipe names one under an organization, the alias of a shipped model,
+    else where it was loaded from."""
+    named = given_parent or spec.parent
+    if named is not None and named.startswith(PRETRAINED_PREFIX):
+        return named
     if given_parent is None and spec.parent in STAGE_ORDER:
         repo = recipe.stage_repo_id(spec.parent)
         if repo and "/" in repo:
