@@ -37,8 +37,8 @@ def one_line_error(capsys) -> str:
 
 
 @pytest.mark.parametrize("name, content, message", [
-    ("empty.txt", "", "The dataset has no rows"),
-    ("header.csv", "text,label\n", "The dataset has no rows"),
+    ("empty.txt", "", "empty.txt' holds no data"),
+    ("header.csv", "text,label\n", "header.csv' holds no data"),
     ("broken.jsonl", '{"text": "fine"}\n{"text": "broken\n{"text": "fine"}\n', "broken.jsonl' could not be read as json"),
 ])
 def test_unreadable_data_files_are_named(tmp_path, capsys, name, content, message):
@@ -56,10 +56,11 @@ def test_a_misspelt_stage_is_named_before_its_missing_keys(capsys):
 @pytest.mark.parametrize("command", [
     ["finetune-lm", "demo", "--parent", "/no/such/dir"],
     ["generate", "/no/such/dir", "The movie"],
-    ["predict", "/no/such/dir", "README.md"],
+    ["predict", "/no/such/dir", "texts.txt"],
 ])
 def test_a_missing_model_folder_is_named(tmp_path, capsys, command):
-    command = [part.replace("README.md", str(Path(__file__).parent.parent / "README.md")) for part in command]
+    (tmp_path / "texts.txt").write_text("A fine film.\n")
+    command = [part.replace("texts.txt", str(tmp_path / "texts.txt")) for part in command]
     assert main(command + (["--output-dir", str(tmp_path)] if command[0] == "finetune-lm" else [])) == 2
     assert "/no/such/dir holds no model" in one_line_error(capsys)
 

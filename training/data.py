@@ -30,6 +30,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import torch
+from datasets.arrow_writer import SchemaInferenceError
 from datasets.fingerprint import Hasher
 from transformers import PreTrainedTokenizerBase
 from transformers.utils import logging
@@ -234,8 +235,12 @@ def _load_local(builder: str, path: str | list[str], spec: DataSpec, **options) 
         return datasets.load_dataset(builder, data_files=files, split="train", cache_dir=spec.cache_dir, **options)
     except Exception as error:
         cause = error
-        while cause is not None and not isinstance(cause, (UnicodeDecodeError, pa.ArrowInvalid)):
+        while cause is not None and not isinstance(cause, (UnicodeDecodeError, pa.ArrowInvalid, SchemaInferenceError)):
             cause = cause.__cause__ or cause.__context__
+        if isinstance(cause, SchemaInferenceError) or "corresponds to no data" in str(error):
+            raise DataValidationError(
+                f"{spec.path!r} holds no data (an empty file, or a header alone): give it some text."
+            ) from error
         if isinstance(cause, UnicodeDecodeError):
             raise DataValidationError(
                 f"{spec.path!r} is not valid {encoding} text ({cause}); set `encoding` in the data spec to the files' "
