@@ -35,6 +35,8 @@ from datasets.fingerprint import Hasher
 from transformers import PreTrainedTokenizerBase
 from transformers.utils import logging
 
+from .tokenizer_training import PARALLEL_MIN_DOCUMENTS
+
 
 logger = logging.get_logger(__name__)
 
@@ -520,7 +522,7 @@ def tokenize_for_lm(
     model that reads text from the end; a backward classifier reverses its documents itself (`config.backwards`).
     """
     _check_columns(dataset, [text_column])
-    if num_proc is None and len(dataset) >= PARALLEL_TOKENIZATION_MIN_DOCUMENTS:
+    if num_proc is None and len(dataset) >= PARALLEL_MIN_DOCUMENTS:
         num_proc = os.cpu_count()
     return dataset.map(
         _tokenize_batch,
@@ -535,9 +537,6 @@ def tokenize_for_lm(
         desc="Tokenizing",
     )
 
-
-# Above this many documents a corpus is tokenized by one process per core.
-PARALLEL_TOKENIZATION_MIN_DOCUMENTS = 20_000
 
 
 def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:

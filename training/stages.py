@@ -246,7 +246,7 @@ def _training_arguments(
             "checkpoint (--restart starts it over)."
         )
     values = dict(
-        output_dir=str(folder / "checkpoints"),
+        output_dir=str(folder / CHECKPOINTS),
         seed=recipe.seed,
         lm_bptt=recipe.model.bptt,
         save_strategy="epoch",

@@ -136,7 +136,7 @@ def train_fastai_tokenizer(
     texts = iter_texts(source, text_column, encoding, show_progress, desc="Tokenizing (fastai rules + spaCy)")
     counter = Counter()
     if num_proc is None:
-        num_proc = os.cpu_count() if _num_documents(source) >= PARALLEL_COUNTING_MIN_DOCUMENTS else 1
+        num_proc = os.cpu_count() if _num_documents(source) >= PARALLEL_MIN_DOCUMENTS else 1
     if num_proc <= 1:
         for text in texts:
             _count_document(counter, tokenizer, text)
@@ -149,8 +149,9 @@ def train_fastai_tokenizer(
     return AwdLstmTokenizer(vocab=make_vocab(counter, min_freq=min_freq, max_vocab=max_vocab), lang=lang)
 
 
-# Above this many documents the tokens are counted by one process per core, in chunks of this many documents.
-PARALLEL_COUNTING_MIN_DOCUMENTS = 20_000
+# Above this many documents a corpus is tokenized by one process per core (here, and for its ids in
+# `training.data.tokenize_for_lm`); counting goes in chunks of this many documents.
+PARALLEL_MIN_DOCUMENTS = 20_000
 COUNTING_CHUNK_DOCUMENTS = 200
 _worker_tokenizer: AwdLstmTokenizer | None = None
 
