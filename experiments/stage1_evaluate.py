@@ -17,6 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from modeling_awd_lstm import cpu_has_bf16_kernels
@@ -30,7 +31,8 @@ EVAL_BATCH_SIZE = 128
 def evaluate_wikitext2(folder: str | Path, text_file: Path, batch_size: int = EVAL_BATCH_SIZE) -> dict:
     """Loss, perplexity per token and per word, and the unknown-token rate of the model in `folder` on `text_file`."""
     tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
-    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)
+    # fp32 weights under bf16 autocast, as in training: a bf16-stored model is upcast exactly.
+    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, dtype=torch.float32)
     lines = load_data(DataSpec(path=str(text_file), format="text"))
     tokens = tokenize_for_lm(lines, tokenizer, backwards=model.config.backwards)
     corpus = TokenizedCorpus.from_dataset(tokens, vocab_size=len(tokenizer))

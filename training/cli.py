@@ -15,11 +15,15 @@ import csv
 import dataclasses
 import json
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import yaml
 
+from .pretrained import PREFIX as PRETRAINED_PREFIX
+from .pretrained import model_location
 from .recipes import STAGE_ORDER, Recipe, RecipeError, load_recipe
 
 STAGE_COMMANDS = {"pretrain": "pretrain", "finetune-lm": "finetune_lm", "train-classifier": "classifier"}
@@ -53,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--batch-size", type=int, default=64)
 
     generate = commands.add_parser("generate", help="Sample a continuation from a language model.")
-    generate.add_argument("model", help="LM folder or Hub repository.")
+    generate.add_argument("model", help="LM folder, Hub repository, or shipped model (pretrained:en).")
     generate.add_argument("prompt")
     generate.add_argument("--max-new-tokens", type=int, default=40)
     generate.add_argument("--temperature", type=float, default=0.8)
@@ -62,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--seed", type=int, default=0)
 
     push = commands.add_parser("push", help="Push a stage folder to the Hub with its card.")
-    push.add_argument("folder")
+    push.add_argument("folder", help="A stage folder, or a shipped model (pretrained:en).")
     push.add_argument("repo_id")
     push.add_argument("--tag", default=None)
     push.add_argument("--revision", default=None)
@@ -282,9 +286,10 @@ def command_generate(args: argparse.Namespace) -> int:
 
     from .stages import check_model_folder
 
-    check_model_folder(args.model)
+    model = model_location(args.model)
+    check_model_folder(model)
     torch.manual_seed(args.seed)
-    generator = pipeline("text-generation", model=args.model, trust_remote_code=True)
+    generator = pipeline("text-generation", model=model, trust_remote_code=True)
     sampling = {"do_sample": False} if args.greedy else {"do_sample": True, "temperature": args.temperature, "top_k": args.top_k}
     result = generator(args.prompt, max_new_tokens=args.max_new_tokens, **sampling)
     print(result[0]["generated_text"])
@@ -294,7 +299,14 @@ def command_generate(args: argparse.Namespace) -> int:
 def command_push(args: argparse.Namespace) -> int:
     from .hub import push_stage
 
-    url = push_stage(args.folder, args.repo_id, tag=args.tag, revision=args.revision, private=args.private)
+    push = dict(tag=args.tag, revision=args.revision, private=args.private)
+    if args.folder.startswith(PRETRAINED_PREFIX):  # a copy: the push renders the card, and the package stays as shipped
+        with tempfile.TemporaryDirectory() as scratch:
+            name = args.folder.removeprefix(PRETRAINED_PREFIX)
+            folder = shutil.copytree(model_location(args.folder), Path(scratch, name))
+            url = push_stage(folder, args.repo_id, commit_message=f"Upload {args.folder} from ulmfit-hf", **push)
+    else:
+        url = push_stage(args.folder, args.repo_id, **push)
     print(f"Pushed {args.folder} to {url}")
     return 0
 

@@ -67,6 +67,9 @@ class StageRecord:
     baselines: dict[str, float] = field(default_factory=dict)
     language: str = "en"
     license: str | None = None
+    # Markdown for the card's Training section: what the record's fields cannot say (e.g. a run continued from
+    # another's weights, the time it took, how to reproduce it).
+    notes: str = ""
 
     def __post_init__(self):
         if self.stage not in STAGES:
@@ -147,6 +150,7 @@ def render_model_card(record: StageRecord, repo_id: str, folder: str | Path | No
         custom_tokenizer=folder is not None and Path(folder, "tokenization_awd_lstm.py").exists(),
         hyperparameters=_without_tokens(record.hyperparameters),
         model_summary=record.model_summary or "AWD-LSTM",
+        notes=record.notes.strip(),
         data=[{**source, "hub": hub_repo_id(source.get("hub"))} for source in record.data],
     )
 

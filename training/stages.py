@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
@@ -35,9 +36,13 @@ from .hub import CURVES_FILE, STAGE_FILE, StageRecord, push_stage, render_model_
 from .metrics import classification_compute_metrics
 from .plots import plot_training_curves
 from .pretrained import PREFIX as PRETRAINED_PREFIX
-from .pretrained import shipped_model_folder
+from .pretrained import model_location
 from .recipes import STAGE_ORDER, Recipe, RecipeError, StageSpec, TokenizerSpec
 from .tokenizer_training import train_fastai_tokenizer, train_subword_tokenizer
+
+# Stages keep fp32 weights (bf16 runs under autocast): a parent stored in bf16, as shipped models are, is upcast rather
+# than loaded in the dtype its config records, which transformers would otherwise keep.
+TRAINING_DTYPE = torch.float32
 from .trainer import ULMFiTTrainer, ULMFiTTrainingArguments
 
 
@@ -178,7 +183,7 @@ def resolve_parent(recipe: Recipe, stage: StageSpec, output_dir: Path, parent_ov
             )
         return str(folder)
     if parent.startswith(PRETRAINED_PREFIX):
-        return str(shipped_model_folder(parent))
+        return model_location(parent)
     check_model_folder(parent, f" or one of this recipe's stages ({', '.join(recipe.stages)})")
     return parent
 
@@ -431,7 +436,9 @@ def _language_model_trainer(recipe, spec, parent_path, tokenizer, train, evaluat
         )
         model = AwdLstmForCausalLM(config)
     else:
-        model = AwdLstmForCausalLM.from_pretrained(parent_path, **AwdLstmConfig.dropouts("lm", _drop_mult(recipe, spec)))
+        model = AwdLstmForCausalLM.from_pretrained(
+            parent_path, dtype=TRAINING_DTYPE, **AwdLstmConfig.dropouts("lm", _drop_mult(recipe, spec))
+        )
         if len(tokenizer) != model.config.vocab_size or (spec.tokenizer and spec.tokenizer.rebuild):
             model = _transfer_vocabulary(model, parent_path, tokenizer)
     column, backwards = spec.data.text_column, model.config.backwards
@@ -458,7 +465,7 @@ def _classifier_trainer(recipe, spec, parent_path, tokenizer, train, evaluation,
             "classifier needs at least two. Check the label column and the data, or set label_names."
         )
     model = AwdLstmForSequenceClassification.from_pretrained(
-        parent_path, num_labels=len(names), id2label=id2label, label2id=label2id,
+        parent_path, dtype=TRAINING_DTYPE, num_labels=len(names), id2label=id2label, label2id=label2id,
         **AwdLstmConfig.dropouts("classifier", _drop_mult(recipe, spec)),
     )
     column = spec.data.text_column

@@ -26,4 +26,9 @@ def shipped_model_folder(alias: str) -> Path:
     return folder
 
 
-__all__ = ["PREFIX", "shipped_model_folder", "shipped_models"]
+def model_location(name: str) -> str:
+    """`name` with a shipped model's alias replaced by its folder: what `from_pretrained` takes."""
+    return str(shipped_model_folder(name)) if name.startswith(PREFIX) else name
+
+
+__all__ = ["PREFIX", "model_location", "shipped_model_folder", "shipped_models"]
