@@ -322,6 +322,37 @@ def test_command_line_converts_weights(fastai_run, tmp_path, capsys):
     assert config.output_p == pytest.approx(0.4 * 0.3)  # fastai's classifier dropouts x drop_mult
 
 
+def test_command_line_never_writes_over_a_model_or_other_files_unasked(fastai_run, tmp_path, capsys):
+    parser = add_convert_fastai_arguments(argparse.ArgumentParser())
+    lm = [str(fastai_run.path / "lm.pth"), "--vocab", str(fastai_run.path / "itos.pkl")]
+    clas = [str(fastai_run.path / "clas.pth"), "--vocab", str(fastai_run.path / "itos.pkl"), "--labels", "neg", "pos"]
+    folder = tmp_path / "stage"
+
+    def convert(source: list[str], *options: str) -> int:
+        args = parser.parse_args([source[0], str(folder), *source[1:], *options])
+        return run_convert_fastai(args)
+
+    assert convert(clas) == 0
+    (folder / "ulmfit_stage.json").write_text("{}")  # a trained stage's record
+    weights = (folder / "model.safetensors").read_bytes()
+    assert convert(lm) == 2
+    error = capsys.readouterr().err
+    assert "already holds a model" in error and "pass --overwrite to replace it" in error
+    assert (folder / "model.safetensors").read_bytes() == weights
+    assert convert(lm, "--overwrite") == 0  # replaced whole: nothing of the classifier stays
+    assert not (folder / "ulmfit_stage.json").exists()
+    assert AwdLstmConfig.from_pretrained(folder).architectures == ["AwdLstmForCausalLM"]
+    assert not list(tmp_path.glob(".*partial"))
+
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "todo.txt").write_text("keep me")
+    folder = notes
+    assert convert(lm, "--overwrite") == 2
+    assert "holds files that are not a model (todo.txt)" in capsys.readouterr().err
+    assert (notes / "todo.txt").read_text() == "keep me"
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Errors that name the problem and the fix
 # ----------------------------------------------------------------------------------------------------------------------

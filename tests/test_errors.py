@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from hub_server import hub_server  # noqa: F401
 from modeling_awd_lstm import AwdLstmConfig, AwdLstmForCausalLM
 from training import cli
 from training.cli import main
@@ -63,6 +64,23 @@ def test_a_missing_model_folder_is_named(tmp_path, capsys, command):
     command = [part.replace("texts.txt", str(tmp_path / "texts.txt")) for part in command]
     assert main(command + (["--output-dir", str(tmp_path)] if command[0] == "finetune-lm" else [])) == 2
     assert "/no/such/dir holds no model" in one_line_error(capsys)
+
+
+@pytest.mark.parametrize("offline, message", [
+    (False, "'someone/no-such-model' is neither a local folder nor a Hub model repository this token can see"),
+    (True, "'someone/no-such-model' is not a local folder, and the Hub could not be reached to fetch it"),
+])
+def test_a_parent_that_is_no_folder_and_no_reachable_hub_model_is_named(hub_server, tmp_path, offline, message):
+    """A name without a path prefix is a Hub id: looked up before any data is read, over HTTP to the loopback Hub."""
+    env = {**hub_server.client_env(tmp_path), "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    if offline:
+        env["HF_HUB_OFFLINE"] = "1"
+    for command in (["generate", "someone/no-such-model", "The movie"],
+                    ["finetune-lm", "demo", "--parent", "someone/no-such-model", "--output-dir", str(tmp_path)]):
+        result = subprocess.run([sys.executable, "-m", "training", *command], env=env, capture_output=True, text=True)
+        assert result.returncode == 2 and "Traceback" not in result.stderr
+        assert message in result.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "finetune_lm").exists()
 
 
 def test_a_truncated_weights_file_is_named(tmp_path, capsys):

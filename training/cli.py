@@ -35,9 +35,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="Show the traceback of an error, not just its message.")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    run = commands.add_parser("run", help="Run every stage of a recipe (pretrain, finetune_lm, classifier).")
+    run = commands.add_parser("run", help="Run a recipe's stages: its last stage and the stages it starts from.")
     _add_recipe_arguments(run)
-    run.add_argument("--stages", default=None, help="Comma-separated subset of stages to run, in order.")
+    run.add_argument(
+        "--stages", default=None,
+        help="Comma-separated subset of stages to run, in order (default: the last stage and the stages it starts from).",
+    )
     for command, stage in STAGE_COMMANDS.items():
         one = commands.add_parser(command, help=f"Run only the {stage} stage of a recipe.")
         _add_recipe_arguments(one)
@@ -175,8 +178,14 @@ def _training_overrides(pairs: list[str]) -> dict:
 def command_run(args: argparse.Namespace) -> int:
     recipe = _load(args)
     if args.command == "run":
-        stages = args.stages.split(",") if args.stages else [s for s in STAGE_ORDER if s in recipe.stages]
+        stages = args.stages.split(",") if args.stages else recipe.lineage()
         parent = None
+        first = stages[0]
+        for name in [] if args.stages else [name for name in recipe.stages if name not in stages]:
+            print(
+                f"Stage {name} is not run: {first} starts from {recipe.stages[first].parent} "
+                f"(`--set stages.{first}.parent={name}` trains {name} first and starts from it)."
+            )
     else:
         stages, parent = [STAGE_COMMANDS[args.command]], args.parent
     unknown = [s for s in stages if s not in recipe.stages]

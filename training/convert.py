@@ -5,7 +5,10 @@ arguments carry `func=run_convert_fastai`.
 """
 
 import argparse
+import os
+import shutil
 import sys
+from pathlib import Path
 
 from modeling_awd_lstm.convert_fastai import FastaiConversionError, convert_fastai
 
@@ -38,6 +41,7 @@ def add_convert_fastai_arguments(parser: argparse.ArgumentParser) -> argparse.Ar
     parser.add_argument("--bptt", type=int, help="classifier chunk length (fastai's seq_len; default 72)")
     parser.add_argument("--max-len", type=int, help="classifier pooling length (fastai's max_len; default 1440)")
     parser.add_argument("--backwards", action="store_true", help="the model reads text backwards")
+    parser.add_argument("--overwrite", action="store_true", help="replace the model already in output_dir")
     parser.set_defaults(func=run_convert_fastai)
     return parser
 
@@ -50,10 +54,18 @@ def run_convert_fastai(args: argparse.Namespace) -> int:
         for name, value in (("bptt", args.bptt), ("max_len", args.max_len), ("backwards", args.backwards or None))
         if value is not None
     }
+    output_dir = Path(args.output_dir)
+    refusal = _refusal(output_dir, args.overwrite)
+    if refusal:
+        print(f"convert-fastai: error: {refusal}", file=sys.stderr)
+        return 2
+    # Written under a temporary name and moved into place whole: a failed conversion leaves no half-written folder.
+    partial = output_dir.with_name(f".{output_dir.name}.partial")
+    shutil.rmtree(partial, ignore_errors=True)
     try:
-        output_dir = convert_fastai(
+        convert_fastai(
             args.checkpoint,
-            args.output_dir,
+            partial,
             vocab=args.vocab,
             labels=args.labels,
             trust_pickle=args.trust_remote_pickle,
@@ -62,10 +74,32 @@ def run_convert_fastai(args: argparse.Namespace) -> int:
             **config_kwargs,
         )
     except FastaiConversionError as error:
+        shutil.rmtree(partial, ignore_errors=True)
         print(f"convert-fastai: error: {error}", file=sys.stderr)
         return 2
+    if output_dir.exists():
+        shutil.rmtree(output_dir)
+    os.replace(partial, output_dir)
     print(f"Wrote {output_dir}")
     return 0
+
+
+def _refusal(output_dir: Path, overwrite: bool) -> str | None:
+    """Why converting into `output_dir` would lose files, or None: only an empty folder, or a model folder with
+    --overwrite, is written (a trained stage is never replaced unasked, nor stale files mixed with new ones)."""
+    if not output_dir.exists():
+        return None
+    if not output_dir.is_dir():
+        return f"{output_dir} is a file: choose a folder to write."
+    names = sorted(path.name for path in output_dir.iterdir())
+    if not names:
+        return None
+    listed = ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
+    if not (output_dir / "config.json").is_file():
+        return f"{output_dir} holds files that are not a model ({listed}): choose a new or empty folder."
+    if not overwrite:
+        return f"{output_dir} already holds a model ({listed}): choose a new folder, or pass --overwrite to replace it."
+    return None
 
 
 __all__ = ["add_convert_fastai_arguments", "run_convert_fastai"]

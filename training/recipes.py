@@ -104,6 +104,14 @@ class Recipe:
             return None
         return repo.format(organization=self.hub.organization or "", name=self.name).lstrip("/")
 
+    def lineage(self) -> list[str]:
+        """The recipe's last stage and the stages of the recipe it descends from, in order: what `ulmfit run` trains.
+        A stage whose child starts from elsewhere (a shipped model, a folder, a Hub repository) is not among them."""
+        chain = [[name for name in STAGE_ORDER if name in self.stages][-1]]
+        while (parent := self.stages[chain[-1]].parent) in self.stages:
+            chain.append(parent)
+        return chain[::-1]
+
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Loading

@@ -197,7 +197,8 @@ def check_model_folder(model: str, alternatives: str = "") -> bool:
             raise FileNotFoundError(
                 f"{model} holds no model (no config.json): pass a stage folder or a Hub repository id{alternatives}."
             )
-        return False  # a Hub repository id
+        check_hub_model(model)
+        return False
     from safetensors import SafetensorError, safe_open
 
     for weights in folder.glob("*.safetensors"):
@@ -207,6 +208,31 @@ def check_model_folder(model: str, alternatives: str = "") -> bool:
         except SafetensorError as error:
             raise ValueError(f"{weights} is damaged ({error}): copy it again, or train the stage again.") from None
     return True
+
+
+def check_hub_model(repo_id: str) -> None:
+    """Fetches the config of a Hub model (or finds it in the cache) before any data is prepared, so a misspelt id or
+    an unreachable Hub ends in one line rather than a traceback after minutes of work."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, RepositoryNotFoundError
+
+    local_path = "a local path starts with ./ or /"
+    try:
+        hf_hub_download(repo_id, "config.json")
+    except RepositoryNotFoundError:
+        raise FileNotFoundError(
+            f"{repo_id!r} is neither a local folder nor a Hub model repository this token can see: check the name "
+            f"({local_path})."
+        ) from None
+    except EntryNotFoundError as error:
+        if isinstance(error, FileNotFoundError):  # the local kind: offline, or the Hub unreachable, and not cached
+            raise FileNotFoundError(
+                f"{repo_id!r} is not a local folder, and the Hub could not be reached to fetch it (nor is it in the "
+                f"cache): check the connection, or pass a local model folder ({local_path})."
+            ) from None
+        raise FileNotFoundError(f"The Hub repository {repo_id!r} holds no model (no config.json).") from None
+    except HfHubHTTPError as error:
+        raise FileNotFoundError(f"Fetching {repo_id!r} from the Hub failed: {str(error).splitlines()[0]}") from None
 
 
 def _split_eval(dataset, spec: StageSpec, seed: int):
