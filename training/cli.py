@@ -68,6 +68,16 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--greedy", action="store_true")
     generate.add_argument("--seed", type=int, default=0)
 
+    lr_find = commands.add_parser(
+        "lr-find", help="fastai's learning-rate range test on a stage of a recipe, as the stage would train."
+    )
+    _add_recipe_arguments(lr_find, trains=False)
+    lr_find.add_argument("--stage", required=True, choices=STAGE_ORDER)
+    lr_find.add_argument("--parent", default=None, help="Parent stage: a local stage folder or a Hub repository id.")
+    lr_find.add_argument("--num-steps", type=int, default=100)
+    lr_find.add_argument("--start-lr", type=float, default=1e-7)
+    lr_find.add_argument("--end-lr", type=float, default=10.0)
+
     push = commands.add_parser("push", help="Push a stage folder to the Hub with its card.")
     push.add_argument("folder", help="A stage folder, or a shipped model (pretrained:en).")
     push.add_argument("repo_id")
@@ -80,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
+def _add_recipe_arguments(parser: argparse.ArgumentParser, trains: bool = True) -> None:
     parser.add_argument("recipe", nargs="?", default="demo", help="Recipe file, or a shipped recipe name (default: demo).")
     parser.add_argument("--output-dir", default=None, help="Where stage folders go (default: the recipe's output_dir).")
     parser.add_argument(
@@ -91,6 +101,8 @@ def _add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
         "--training", dest="training", action="append", default=[], metavar="KEY=VALUE",
         help="Set a training argument for every stage run, e.g. --training max_steps=20",
     )
+    if not trains:
+        return
     parser.add_argument("--push", action="store_true", default=None, help="Push each stage to the Hub (recipe: hub.push).")
     parser.add_argument(
         "--overwrite", action="store_true",
@@ -203,6 +215,26 @@ def command_run(args: argparse.Namespace) -> int:
         ))
     if results[-1].is_main:
         summarize(recipe, results)
+    return 0
+
+
+def command_lr_find(args: argparse.Namespace) -> int:
+    recipe = _load(args)
+    if args.stage not in recipe.stages:
+        raise RecipeError(f"Stage {args.stage!r} is not in recipe {recipe.name!r} (it has {', '.join(recipe.stages)}).")
+    from .stages import find_stage_learning_rate
+
+    output_dir = Path(args.output_dir or recipe.output_dir or f"runs/{recipe.name}")
+    test, plot = find_stage_learning_rate(
+        recipe, args.stage, output_dir, parent=args.parent, training_overrides=_training_overrides(args.training),
+        start_lr=args.start_lr, end_lr=args.end_lr, num_steps=args.num_steps,
+    )
+    print(
+        f"Suggested learning rates for {args.stage}: valley {test.valley:.2e} (fastai's default), minimum/10 "
+        f"{test.minimum:.2e}; {len(test.losses)} steps, plot in {plot}. Set it with "
+        f"--set stages.{args.stage}.training.learning_rate={test.valley:.2e}, or let the stage find it with "
+        f"learning_rate: find."
+    )
     return 0
 
 
@@ -334,6 +366,7 @@ COMMANDS = {
     "predict": command_predict,
     "generate": command_generate,
     "push": command_push,
+    "lr-find": command_lr_find,
     "convert-fastai": command_convert,
 }
 

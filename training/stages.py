@@ -12,6 +12,7 @@ import math
 import os
 import shutil
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,11 +35,15 @@ from .data import (
 )
 from .hub import CURVES_FILE, STAGE_FILE, StageRecord, push_stage, render_model_card
 from .metrics import classification_compute_metrics
+from .lr_finder import RangeTest, find_learning_rate
 from .plots import plot_training_curves
 from .pretrained import PREFIX as PRETRAINED_PREFIX
 from .pretrained import model_location
 from .recipes import STAGE_ORDER, Recipe, RecipeError, StageSpec, TokenizerSpec
 from .tokenizer_training import train_fastai_tokenizer, train_subword_tokenizer
+
+FIND_LEARNING_RATE = "find"  # `learning_rate: find` in a stage's training
+LR_FIND_FILE, LR_FIND_PLOT = "lr_find.json", "lr_find.png"
 
 # Stages keep fp32 weights (bf16 runs under autocast): a parent stored in bf16, as shipped models are, is upcast rather
 # than loaded in the dtype its config records, which transformers would otherwise keep.
@@ -290,6 +295,8 @@ def _training_arguments(
     )
     values.update(spec.training)
     values.update(overrides)
+    if values.get("learning_rate") == FIND_LEARNING_RATE:
+        del values["learning_rate"]  # chosen by the range test once the stage is built
     if from_scratch:  # discriminative rates protect pretrained layers; random ones all train at the full rate
         values.setdefault("discriminative_lr_factor", 1.0)
     # Evaluation keeps no graph: twice the training batch fits, as fastai does.
@@ -337,15 +344,16 @@ def run_stage(
             resume_from = prepare_stage_folder(folder, settings, overwrite=overwrite, restart=restart)
         else:
             resume_from = last_checkpoint(folder)
-    set_seed(args.seed)  # the model's initial weights and the classifier head come from it
-    # Under several processes the main one reads, tokenizes and caches first; the others reuse its caches.
-    with args.main_process_first(desc=f"{stage_name}: preparing data"):
-        tokenizer, train, evaluation = _prepare_data(spec, parent_path, recipe.seed, is_classifier, recipe, resume_from)
-        if is_classifier:
-            model, trainer, test = _classifier_trainer(recipe, spec, parent_path, tokenizer, train, evaluation, args)
-        else:
-            model, trainer = _language_model_trainer(recipe, spec, parent_path, tokenizer, train, evaluation, args)
-            test = None
+    tokenizer, train, evaluation, model, trainer, test = _build_stage(
+        recipe, stage_name, parent_path, args, resume_from
+    )
+    notes = ""
+    if finds_learning_rate(spec, overrides):
+        if args.world_size > 1:  # each process would test on its own rows and find its own rate
+            raise ValueError(
+                "learning_rate: find runs in one process: run `ulmfit lr-find` first and set the rate it suggests."
+            )
+        notes = _set_found_learning_rate(trainer, folder, resume_from)
 
     tokens_before = _tokens_seen(resume_from)  # read now: the resumed run's own checkpoints rotate it away
     train_output = trainer.train(resume_from_checkpoint=resume_from)
@@ -381,12 +389,74 @@ def run_stage(
         hyperparameters=_hyperparameters(model, args),
         data=_provenance(spec),
         model_summary=_model_summary(model),
+        notes=notes,
     )
     render_model_card(record, repo_id or record.model_name, folder).save(folder / "README.md")
     record.save(folder)  # last: the record marks the stage finished
     if (recipe.hub.push if push is None else push) and repo_id:
         result.pushed_to = push_stage(folder, repo_id, token=token, tag=recipe.hub.tag, private=recipe.hub.private)
     return result
+
+
+def _build_stage(recipe: Recipe, stage_name: str, parent_path: str | None, args, resume_from: str | None = None):
+    """The stage's tokenizer, data, model and trainer, ready to train."""
+    spec, is_classifier = recipe.stages[stage_name], stage_name == "classifier"
+    set_seed(args.seed)  # the model's initial weights and the classifier head come from it
+    # Under several processes the main one reads, tokenizes and caches first; the others reuse its caches.
+    with args.main_process_first(desc=f"{stage_name}: preparing data"):
+        tokenizer, train, evaluation = _prepare_data(spec, parent_path, recipe.seed, is_classifier, recipe, resume_from)
+        if is_classifier:
+            model, trainer, test = _classifier_trainer(recipe, spec, parent_path, tokenizer, train, evaluation, args)
+        else:
+            model, trainer = _language_model_trainer(recipe, spec, parent_path, tokenizer, train, evaluation, args)
+            test = None
+    return tokenizer, train, evaluation, model, trainer, test
+
+
+def finds_learning_rate(spec: StageSpec, overrides: dict | None = None) -> bool:
+    """Whether the stage's `learning_rate` is `find`: fastai's range test chooses it before training."""
+    return {**spec.training, **(overrides or {})}.get("learning_rate") == FIND_LEARNING_RATE
+
+
+def _set_found_learning_rate(trainer, folder: Path, resume_from: str | None) -> str:
+    """Runs the range test (or, resuming, reads what it found) and trains at its `valley`; returns the card's note."""
+    found = folder / LR_FIND_FILE
+    if resume_from is not None and found.is_file():
+        test = RangeTest(**json.loads(found.read_text()))
+    else:
+        test = find_learning_rate(trainer)
+        if trainer.is_world_process_zero():
+            found.write_text(json.dumps(dataclasses.asdict(test)) + "\n")
+            test.plot(folder / LR_FIND_PLOT)
+    trainer.args.learning_rate = test.valley
+    print(f"Learning rate from the range test: {test.valley:.2e} (valley; minimum/10 is {test.minimum:.2e}).")
+    return (
+        f"`learning_rate: find`: fastai's range test chose {test.valley:.2e} (its `valley`; `minimum`/10 was "
+        f"{test.minimum:.2e})."
+    )
+
+
+def find_stage_learning_rate(
+    recipe: Recipe,
+    stage_name: str,
+    output_dir: str | Path,
+    parent: str | None = None,
+    training_overrides: dict | None = None,
+    **range_test,
+) -> tuple[RangeTest, Path]:
+    """fastai's learning-rate range test on a stage as `run_stage` would train it, without training it: the result
+    and its plot, `output_dir/<stage>-lr_find.png`. `range_test` goes to `find_learning_rate`."""
+    spec = recipe.stages[stage_name]
+    output_dir = Path(output_dir)
+    parent_path = resolve_parent(recipe, spec, output_dir, parent)
+    if stage_name != "pretrain" and parent_path is None:
+        raise ValueError(f"Stage {stage_name!r} needs a parent: set `stages.{stage_name}.parent` or pass --parent.")
+    with tempfile.TemporaryDirectory() as scratch:  # the stage's own folder stays as it is
+        args = _training_arguments(recipe, spec, Path(scratch), training_overrides or {}, parent_path is None)
+        trainer = _build_stage(recipe, stage_name, parent_path, args)[4]
+        test = find_learning_rate(trainer, **range_test)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    return test, test.plot(output_dir / f"{stage_name}-{LR_FIND_PLOT}")
 
 
 def _tokens_seen(checkpoint: str | None) -> int:
