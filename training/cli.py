@@ -55,7 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
     predict = commands.add_parser("predict", help="Classify a file of texts (txt: one per line, csv, jsonl).")
     predict.add_argument("model", help="Classifier folder or Hub repository.")
     predict.add_argument("file")
-    predict.add_argument("--text-column", default="text")
+    predict.add_argument(
+        "--text-column", nargs="+", default=["text"],
+        help="The text column of a csv or jsonl file; several are joined as in training (e.g. title description).",
+    )
     predict.add_argument("--output", default=None, help="Where to write predictions (default: FILE.predictions.jsonl).")
     predict.add_argument("--batch-size", type=int, default=64)
 
@@ -253,29 +256,34 @@ def command_arguments(args: argparse.Namespace) -> int:
     return 0
 
 
-def read_texts(path: str, text_column: str) -> list[str]:
-    """Texts of a .txt (one per line), .csv or .jsonl file."""
+def read_texts(path: str, text_columns: list[str], fastai_markers: bool = True) -> list[str]:
+    """Texts of a .txt (one per line), .csv or .jsonl file; several text columns joined as in training."""
+    from .data import join_fields
+
     file = Path(path)
     if not file.exists():
         raise FileNotFoundError(f"No file {path}.")
     if file.suffix == ".csv":
         with file.open(newline="", encoding="utf-8") as handle:
             rows = list(csv.DictReader(handle))
-        if rows and text_column not in rows[0]:
-            raise ValueError(f"{path} has no column {text_column!r} (columns: {', '.join(rows[0])}); use --text-column.")
-        texts = [row[text_column] for row in rows]
+        absent = [column for column in text_columns if rows and column not in rows[0]]
+        if absent:
+            raise ValueError(f"{path} has no column {absent[0]!r} (columns: {', '.join(rows[0])}); use --text-column.")
     elif file.suffix in (".jsonl", ".json"):
         rows = [json.loads(line) for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
-        missing = [i for i, row in enumerate(rows) if text_column not in row]
-        if missing:
-            raise ValueError(f"{path}: rows {missing[:5]} have no {text_column!r} field; use --text-column.")
-        texts = [row[text_column] for row in rows]
+        for column in text_columns:
+            missing = [i for i, row in enumerate(rows) if column not in row]
+            if missing:
+                raise ValueError(f"{path}: rows {missing[:5]} have no {column!r} field; use --text-column.")
     else:
-        texts = [line for line in file.read_text(encoding="utf-8").splitlines()]
-    empty = [i for i, text in enumerate(texts) if not isinstance(text, str) or not text.strip()]
+        if len(text_columns) > 1:
+            raise ValueError(f"{path} holds one text per line: several --text-column need a .csv or .jsonl file.")
+        rows = [{text_columns[0]: line} for line in file.read_text(encoding="utf-8").splitlines()]
+    fields = [[row[column] for column in text_columns] for row in rows]
+    empty = [i for i, row in enumerate(fields) if any(not isinstance(text, str) or not text.strip() for text in row)]
     if empty:
         raise ValueError(f"{path}: rows {empty[:5]} are empty; remove them or fill them in.")
-    return texts
+    return [row[0] if len(row) == 1 else join_fields(row, fastai_markers) for row in fields]
 
 
 def command_predict(args: argparse.Namespace) -> int:
@@ -284,11 +292,13 @@ def command_predict(args: argparse.Namespace) -> int:
 
     import modeling_awd_lstm  # noqa: F401  (registers the Auto classes)
 
+    from .stages import has_field_markers
+
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1; got {args.batch_size}.")
-    texts = read_texts(args.file, args.text_column)
     _check_is_classifier(args.model)
     classify = pipeline("text-classification", model=args.model, trust_remote_code=True, top_k=None)
+    texts = read_texts(args.file, args.text_column, fastai_markers=has_field_markers(classify.tokenizer))
     output = Path(args.output or f"{args.file}.predictions.jsonl")
     # Written under a temporary name and renamed when complete: an interrupted run leaves earlier predictions intact.
     partial = output.with_name(f"{output.name}.partial")

@@ -33,6 +33,8 @@ import torch
 from datasets.arrow_writer import SchemaInferenceError
 from datasets.fingerprint import Hasher
 from transformers import PreTrainedTokenizerBase
+
+from modeling_awd_lstm.tokenization_awd_lstm import FLD
 from transformers.utils import logging
 
 from .tokenizer_training import PARALLEL_MIN_DOCUMENTS
@@ -97,9 +99,10 @@ class DataSpec:
             One of `text` (one document per line), `csv`, `tsv`, `json` (JSON or JSON Lines), `parquet`, `trec`
             (lines `COARSE:fine question`), `folder` (one document per `.txt` file) or `class_folders` (one subfolder
             of `.txt` files per class, like `aclImdb/train/{pos,neg}`). Inferred from the path when not given.
-        text_column (`str`, defaults to `"text"`):
+        text_column (`str` or `list[str]`, defaults to `"text"`):
             The column holding the documents. Readers that build their own columns (`folder`, `class_folders`,
-            `trec`, and `text` files) name the text column this way.
+            `trec`, and `text` files) name the text column this way. Several columns (`[title, description]`) are
+            read as one text, joined as fastai joins them (`join_text_fields`), in the column named by `text_key`.
         label_column (`str`, *optional*, defaults to `"label"`):
             The column holding the labels; `class_folders` names its label column this way. TREC files give
             `coarse_label` (6 classes) and `fine_label` (50 classes), as the Hub's `CogComp/trec` does.
@@ -121,7 +124,7 @@ class DataSpec:
     name: str | None = None
     split: str | None = None
     format: str | None = None
-    text_column: str = "text"
+    text_column: str | list[str] = "text"
     label_column: str | None = "label"
     label_names: list[str] | None = None
     encoding: str | None = None
@@ -133,6 +136,24 @@ class DataSpec:
     def __post_init__(self):
         if self.format is not None and self.format not in FORMATS:
             raise ValueError(f"Unknown data format {self.format!r}; choose one of {', '.join(FORMATS)}.")
+        if isinstance(self.text_column, list):
+            if not self.text_column or not all(isinstance(name, str) for name in self.text_column):
+                raise ValueError(f"text_column must be a column name or a list of them; got {self.text_column!r}.")
+            if self.format in ("text", "trec", "folder", "class_folders"):
+                raise ValueError(
+                    f"format={self.format!r} reads one text per document: several text columns need csv, tsv, json, "
+                    "parquet or a Hub dataset."
+                )
+
+    @property
+    def text_fields(self) -> list[str]:
+        """The text columns, as a list."""
+        return [self.text_column] if isinstance(self.text_column, str) else list(self.text_column)
+
+    @property
+    def text_key(self) -> str:
+        """The column the text is read from once its fields are joined: the text column itself when there is one."""
+        return "+".join(self.text_fields)
         if self.label_names is not None and (
             not isinstance(self.label_names, (list, tuple)) or not all(isinstance(n, str) for n in self.label_names)
         ):
@@ -354,22 +375,48 @@ def _read_documents(spec: DataSpec, files: list[str]) -> datasets.Dataset:
 
 def validate_dataset(
     dataset: datasets.Dataset,
-    text_column: str = "text",
+    text_column: str | Sequence[str] = "text",
     label_column: str | None = None,
     label_names: Sequence[str] | None = None,
 ) -> None:
     """
     Check, before any training, that `dataset` can be trained on; raise `DataValidationError` naming the problem.
 
-    Checks that the text column (and the label column, when given) exists, that every text is a non-empty string,
-    and that every label belongs to the label set (`label_names`, or the ids `0..n-1` for integer labels).
+    Checks that the text column or columns (and the label column, when given) exist, that every text is a non-empty
+    string, and that every label belongs to the label set (`label_names`, or the ids `0..n-1` for integer labels).
     """
     if len(dataset) == 0:
         raise DataValidationError("The dataset has no rows (an empty file, or a header alone): give it some text.")
-    _check_columns(dataset, [text_column] + ([label_column] if label_column is not None else []))
-    _check_texts(dataset, text_column)
+    text_columns = [text_column] if isinstance(text_column, str) else list(text_column)
+    _check_columns(dataset, text_columns + ([label_column] if label_column is not None else []))
+    for column in text_columns:
+        _check_texts(dataset, column)
     if label_column is not None:
         _label_mapping(dataset, label_column, label_names)
+
+
+FIELD_SEPARATOR = "\n"  # between the fields of a text for subword tokenizers, which have no field marker
+
+
+def join_fields(fields: Sequence[str], fastai_markers: bool) -> str:
+    """One text from several fields. For fastai's tokenizer as `Tokenizer.from_df(text_cols=[...])` joins them, each
+    field after its marker and number (`xxfld 1 <title> xxfld 2 <description>`); for others, one per line."""
+    if not fastai_markers:
+        return FIELD_SEPARATOR.join(fields)
+    return " ".join(f"{FLD} {number} {field}" for number, field in enumerate(fields, 1))
+
+
+def join_text_fields(dataset: datasets.Dataset, spec: DataSpec, fastai_markers: bool) -> datasets.Dataset:
+    """`dataset` with the text of `spec`'s text columns joined (`join_fields`) into the column `spec.text_key`; a
+    single text column is left as it is."""
+    if isinstance(spec.text_column, str):
+        return dataset
+    columns = spec.text_fields
+    _check_columns(dataset, columns)
+    return dataset.map(
+        lambda batch: {spec.text_key: [join_fields(row, fastai_markers) for row in zip(*(batch[c] for c in columns))]},
+        batched=True, desc=f"Joining {', '.join(columns)}",
+    )
 
 
 def _check_columns(dataset: datasets.Dataset, columns: list[str]) -> None:

@@ -21,13 +21,14 @@ import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
-from modeling_awd_lstm import AwdLstmConfig, AwdLstmForCausalLM, AwdLstmForSequenceClassification
+from modeling_awd_lstm import AwdLstmConfig, AwdLstmForCausalLM, AwdLstmForSequenceClassification, AwdLstmTokenizer
 
 from .data import (
     ClassificationCollator,
     DataSpec,
     TokenizedCorpus,
     encode_labels,
+    join_text_fields,
     load_data,
     tokenize_for_classification,
     tokenize_for_lm,
@@ -247,15 +248,16 @@ def _split_eval(dataset, spec: StageSpec, seed: int):
     return parts["train"], parts["test"]
 
 
-def _read(spec: DataSpec, labelled: bool, max_documents: int | None = None):
+def _read(spec: DataSpec, labelled: bool, max_documents: int | None = None, fastai_markers: bool = True):
+    """The validated data of `spec`, its text fields joined for the stage's tokenizer (`join_text_fields`)."""
     dataset = load_data(spec)
     if max_documents is not None and len(dataset) > max_documents:
         dataset = dataset.select(range(max_documents))
     validate_dataset(
-        dataset, text_column=spec.text_column, label_column=spec.label_column if labelled else None,
+        dataset, text_column=spec.text_fields, label_column=spec.label_column if labelled else None,
         label_names=spec.label_names if labelled else None,
     )
-    return dataset
+    return join_text_fields(dataset, spec, fastai_markers)
 
 
 def build_tokenizer(spec: TokenizerSpec, dataset, text_column: str) -> PreTrainedTokenizerBase:
@@ -362,7 +364,7 @@ def run_stage(
     if is_classifier and spec.compare_from_scratch:
         baselines.update(_train_from_scratch(model.config, args, trainer, test, folder))
     if is_classifier and spec.compare_tfidf:
-        baselines.update(_tfidf_baseline(spec, train, evaluation, args.seed))
+        baselines.update(_tfidf_baseline(spec, train, evaluation, tokenizer, args.seed))
     seconds = time.time() - started
     result = StageResult(
         stage=stage_name, folder=str(folder), metrics=metrics, seconds=seconds,
@@ -472,22 +474,30 @@ def _prepare_data(
 ):
     """The stage's tokenizer and its validated training and evaluation sets. An interrupted stage that built its
     own tokenizer gets it back from its checkpoint rather than building it again."""
-    train = _read(spec.data, labelled=is_classifier, max_documents=spec.max_documents)
+    tokenizer_spec = spec.tokenizer or recipe.tokenizer
+    builds_tokenizer = parent_path is None or tokenizer_spec.rebuild
+    tokenizer = None
+    if builds_tokenizer and resume_from is not None:
+        tokenizer = AutoTokenizer.from_pretrained(resume_from, trust_remote_code=True)
+    elif not builds_tokenizer:
+        tokenizer = AutoTokenizer.from_pretrained(parent_path, trust_remote_code=True)
+    # Several text fields are joined as the tokenizer expects: with fastai's field markers for its tokenizer.
+    markers = tokenizer_spec.kind == "fastai" if tokenizer is None else has_field_markers(tokenizer)
+    train = _read(spec.data, labelled=is_classifier, max_documents=spec.max_documents, fastai_markers=markers)
     train, held_out = _split_eval(train, spec, seed)
     evaluation = (
-        _read(spec.eval_data, labelled=is_classifier, max_documents=spec.max_eval_documents)
+        _read(spec.eval_data, labelled=is_classifier, max_documents=spec.max_eval_documents, fastai_markers=markers)
         if spec.eval_data is not None
         else held_out
     )
-    tokenizer_spec = spec.tokenizer or recipe.tokenizer
-    builds_tokenizer = parent_path is None or tokenizer_spec.rebuild
-    if builds_tokenizer and resume_from is not None:
-        tokenizer = AutoTokenizer.from_pretrained(resume_from, trust_remote_code=True)
-    elif builds_tokenizer:
-        tokenizer = build_tokenizer(tokenizer_spec, train, spec.data.text_column)
-    else:
-        tokenizer = AutoTokenizer.from_pretrained(parent_path, trust_remote_code=True)
+    if tokenizer is None:
+        tokenizer = build_tokenizer(tokenizer_spec, train, spec.data.text_key)
     return tokenizer, train, evaluation
+
+
+def has_field_markers(tokenizer: PreTrainedTokenizerBase) -> bool:
+    """Whether the tokenizer reads fastai's field markers (`xxfld`): fastai's tokenizer does, subword ones do not."""
+    return isinstance(tokenizer, AwdLstmTokenizer)
 
 
 def _train_from_scratch(config, args, trainer, test, folder: Path) -> dict[str, float]:
@@ -505,17 +515,18 @@ def _train_from_scratch(config, args, trainer, test, folder: Path) -> dict[str, 
     return {f"from_scratch_{name}": value for name, value in metrics.items() if name.endswith("accuracy")}
 
 
-def _tfidf_baseline(spec: StageSpec, train, evaluation, seed: int) -> dict[str, float]:
+def _tfidf_baseline(spec: StageSpec, train, evaluation, tokenizer, seed: int) -> dict[str, float]:
     """TF-IDF + logistic regression fit on the classifier's own training split, scored where the classifier is."""
     from .baselines import tfidf_logreg
 
     scored_spec, prefix = (spec.test_data, "test") if spec.test_data is not None else (spec.eval_data or spec.data, "eval")
-    scored = _read(spec.test_data, labelled=True) if spec.test_data is not None else evaluation
+    markers = has_field_markers(tokenizer)
+    scored = _read(spec.test_data, labelled=True, fastai_markers=markers) if spec.test_data is not None else evaluation
     if scored is None:
         return {}
 
     def pairs(dataset, data_spec):
-        return dataset[data_spec.text_column], [str(label) for label in dataset[data_spec.label_column]]
+        return dataset[data_spec.text_key], [str(label) for label in dataset[data_spec.label_column]]
 
     result = tfidf_logreg(pairs(train, spec.data), pairs(scored, scored_spec), seed)
     return {f"tfidf_{prefix}_accuracy": result["test_accuracy"]}
@@ -537,11 +548,11 @@ def _language_model_trainer(recipe, spec, parent_path, tokenizer, train, evaluat
         )
         if len(tokenizer) != model.config.vocab_size or (spec.tokenizer and spec.tokenizer.rebuild):
             model = _transfer_vocabulary(model, parent_path, tokenizer)
-    column, backwards = spec.data.text_column, model.config.backwards
+    column, backwards = spec.data.text_key, model.config.backwards
     corpus = TokenizedCorpus.from_dataset(
         tokenize_for_lm(train, tokenizer, text_column=column, backwards=backwards), vocab_size=len(tokenizer)
     )
-    eval_column = (spec.eval_data or spec.data).text_column
+    eval_column = (spec.eval_data or spec.data).text_key
     eval_corpus = TokenizedCorpus.from_dataset(
         tokenize_for_lm(evaluation, tokenizer, text_column=eval_column, backwards=backwards), vocab_size=len(tokenizer)
     ) if evaluation is not None else None
@@ -564,7 +575,7 @@ def _classifier_trainer(recipe, spec, parent_path, tokenizer, train, evaluation,
         parent_path, dtype=TRAINING_DTYPE, num_labels=len(names), id2label=id2label, label2id=label2id,
         **AwdLstmConfig.dropouts("classifier", _drop_mult(recipe, spec)),
     )
-    column = spec.data.text_column
+    column = spec.data.text_key
     if spec.max_tokens is not None:
         tokenizer.truncation_side = "left"  # keep the end of each document, which the classifier pools over
 
@@ -573,7 +584,7 @@ def _classifier_trainer(recipe, spec, parent_path, tokenizer, train, evaluation,
             return None
         dataset, _, _ = encode_labels(dataset, label_column=data_spec.label_column, label_names=names)
         return tokenize_for_classification(
-            dataset, tokenizer, text_column=data_spec.text_column, label_column=data_spec.label_column,
+            dataset, tokenizer, text_column=data_spec.text_key, label_column=data_spec.label_column,
             max_length=spec.max_tokens,
         )
 
@@ -581,7 +592,8 @@ def _classifier_trainer(recipe, spec, parent_path, tokenizer, train, evaluation,
         train, tokenizer, text_column=column, label_column=label_column, max_length=spec.max_tokens
     )
     eval_tokens = prepare(evaluation, spec.eval_data or spec.data)
-    test = _read(spec.test_data, labelled=True) if spec.test_data is not None else None
+    markers = has_field_markers(tokenizer)
+    test = _read(spec.test_data, labelled=True, fastai_markers=markers) if spec.test_data is not None else None
     test_tokens = prepare(test, spec.test_data) if test is not None else None
     trainer = ULMFiTTrainer(
         model=model, args=args, train_dataset=train_tokens, eval_dataset=eval_tokens, processing_class=tokenizer,
