@@ -56,6 +56,11 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("model", help="Classifier folder or Hub repository.")
     predict.add_argument("file")
     predict.add_argument(
+        "--explain", action="store_true",
+        help="Also give each token's importance for the predicted class (fastai's intrinsic attention), in the "
+        "output and as an HTML page beside it.",
+    )
+    predict.add_argument(
         "--text-column", nargs="+", default=["text"],
         help="The text column of a csv or jsonl file; several are joined as in training (e.g. title description).",
     )
@@ -292,6 +297,7 @@ def command_predict(args: argparse.Namespace) -> int:
 
     import modeling_awd_lstm  # noqa: F401  (registers the Auto classes)
 
+    from .interpret import explain, write_explanations_html
     from .stages import has_field_markers
 
     if args.batch_size < 1:
@@ -302,15 +308,25 @@ def command_predict(args: argparse.Namespace) -> int:
     output = Path(args.output or f"{args.file}.predictions.jsonl")
     # Written under a temporary name and renamed when complete: an interrupted run leaves earlier predictions intact.
     partial = output.with_name(f"{output.name}.partial")
+    explanations = []
     with partial.open("w", encoding="utf-8") as handle:
         for start in tqdm(range(0, len(texts), args.batch_size), desc="Classifying", unit="batch"):
             batch = texts[start : start + args.batch_size]
             for text, scores in zip(batch, classify(batch, batch_size=args.batch_size, truncation=False)):
                 best = max(scores, key=lambda s: s["score"])
                 probabilities = {s["label"]: round(s["score"], 6) for s in scores}
-                handle.write(json.dumps({"text": text, "label": best["label"], "probabilities": probabilities}) + "\n")
+                row = {"text": text, "label": best["label"], "probabilities": probabilities}
+                if args.explain:
+                    explanations.append(explain(classify.model, classify.tokenizer, text, label=best["label"]))
+                    row.update(tokens=explanations[-1].tokens, importance=explanations[-1].importance)
+                handle.write(json.dumps(row) + "\n")
     os.replace(partial, output)
     print(f"Wrote {len(texts)} predictions to {output}")
+    if args.explain:
+        page = output.with_name(f"{output.stem}.html")
+        written = write_explanations_html(explanations, f"{page}.partial", title=f"{args.model}: {args.file}")
+        os.replace(written, page)
+        print(f"Token importance (darker weighs more) in {page}")
     return 0
 
 
