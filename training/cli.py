@@ -39,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_recipe_arguments(run)
     run.add_argument(
         "--stages", default=None,
-        help="Comma-separated subset of stages to run, in order (default: the last stage and the stages it starts from).",
+        help="Comma-separated stages to run, in order (default: the last stage and the stages it starts from).",
     )
     for command, stage in STAGE_COMMANDS.items():
         one = commands.add_parser(command, help=f"Run only the {stage} stage of a recipe.")
@@ -55,6 +55,11 @@ def build_parser() -> argparse.ArgumentParser:
     predict = commands.add_parser("predict", help="Classify a file of texts (txt: one per line, csv, jsonl).")
     predict.add_argument("model", help="Classifier folder or Hub repository.")
     predict.add_argument("file")
+    predict.add_argument(
+        "--backward", default=None, metavar="MODEL",
+        help="A backward classifier (model.backwards: true) of the same classes: predict with the mean of both "
+        "classifiers' probabilities, the paper's forward + backward ensemble.",
+    )
     predict.add_argument(
         "--explain", action="store_true",
         help="Also give each token's importance for the predicted class (fastai's intrinsic attention), in the "
@@ -297,14 +302,21 @@ def command_predict(args: argparse.Namespace) -> int:
 
     import modeling_awd_lstm  # noqa: F401  (registers the Auto classes)
 
+    from .ensemble import ensemble_classifiers, mean_probabilities
     from .interpret import explain, write_explanations_html
     from .stages import has_field_markers
 
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1; got {args.batch_size}.")
+    if args.explain and args.backward:
+        raise ValueError("--explain explains one classifier: leave out --backward, or explain each on its own.")
     _check_is_classifier(args.model)
-    classify = pipeline("text-classification", model=args.model, trust_remote_code=True, top_k=None)
-    texts = read_texts(args.file, args.text_column, fastai_markers=has_field_markers(classify.tokenizer))
+    if args.backward:
+        _check_is_classifier(args.backward)
+        classifiers = ensemble_classifiers(args.model, args.backward)
+    else:
+        classifiers = [pipeline("text-classification", model=args.model, trust_remote_code=True, top_k=None)]
+    texts = read_texts(args.file, args.text_column, fastai_markers=has_field_markers(classifiers[0].tokenizer))
     output = Path(args.output or f"{args.file}.predictions.jsonl")
     # Written under a temporary name and renamed when complete: an interrupted run leaves earlier predictions intact.
     partial = output.with_name(f"{output.name}.partial")
@@ -312,16 +324,18 @@ def command_predict(args: argparse.Namespace) -> int:
     with partial.open("w", encoding="utf-8") as handle:
         for start in tqdm(range(0, len(texts), args.batch_size), desc="Classifying", unit="batch"):
             batch = texts[start : start + args.batch_size]
-            for text, scores in zip(batch, classify(batch, batch_size=args.batch_size, truncation=False)):
-                best = max(scores, key=lambda s: s["score"])
-                probabilities = {s["label"]: round(s["score"], 6) for s in scores}
-                row = {"text": text, "label": best["label"], "probabilities": probabilities}
+            scores = [classify(batch, batch_size=args.batch_size, truncation=False) for classify in classifiers]
+            for text, *each in zip(batch, *scores):
+                mean = mean_probabilities(each)
+                probabilities = {label: round(p, 6) for label, p in mean.items()}
+                row = {"text": text, "label": max(mean, key=mean.get), "probabilities": probabilities}
                 if args.explain:
-                    explanations.append(explain(classify.model, classify.tokenizer, text, label=best["label"]))
+                    model, tokenizer = classifiers[0].model, classifiers[0].tokenizer
+                    explanations.append(explain(model, tokenizer, text, label=row["label"]))
                     row.update(tokens=explanations[-1].tokens, importance=explanations[-1].importance)
                 handle.write(json.dumps(row) + "\n")
     os.replace(partial, output)
-    print(f"Wrote {len(texts)} predictions to {output}")
+    print(f"Wrote {len(texts)} predictions to {output}" + (" (forward + backward ensemble)" if args.backward else ""))
     if args.explain:
         page = output.with_name(f"{output.stem}.html")
         written = write_explanations_html(explanations, f"{page}.partial", title=f"{args.model}: {args.file}")

@@ -412,6 +412,13 @@ def _build_stage(recipe: Recipe, stage_name: str, parent_path: str | None, args,
         else:
             model, trainer = _language_model_trainer(recipe, spec, parent_path, tokenizer, train, evaluation, args)
             test = None
+    if model.config.backwards != recipe.model.backwards:  # a parent's direction is its weights': it cannot change
+        reads, recipe_reads = ("backwards", "forwards") if model.config.backwards else ("forwards", "backwards")
+        raise ValueError(
+            f"The parent {parent_path} reads text {reads} but the recipe reads it {recipe_reads} (model.backwards: "
+            f"{str(recipe.model.backwards).lower()}): start from a parent that reads {recipe_reads}, or set "
+            f"model.backwards: {str(model.config.backwards).lower()}."
+        )
     return tokenizer, train, evaluation, model, trainer, test
 
 
