@@ -317,6 +317,7 @@ def command_predict(args: argparse.Namespace) -> int:
     else:
         classifiers = [pipeline("text-classification", model=args.model, trust_remote_code=True, top_k=None)]
     texts = read_texts(args.file, args.text_column, fastai_markers=has_field_markers(classifiers[0].tokenizer))
+    problem_type = classifiers[0].model.config.problem_type
     output = Path(args.output or f"{args.file}.predictions.jsonl")
     # Written under a temporary name and renamed when complete: an interrupted run leaves earlier predictions intact.
     partial = output.with_name(f"{output.name}.partial")
@@ -326,12 +327,10 @@ def command_predict(args: argparse.Namespace) -> int:
             batch = texts[start : start + args.batch_size]
             scores = [classify(batch, batch_size=args.batch_size, truncation=False) for classify in classifiers]
             for text, *each in zip(batch, *scores):
-                mean = mean_probabilities(each)
-                probabilities = {label: round(p, 6) for label, p in mean.items()}
-                row = {"text": text, "label": max(mean, key=mean.get), "probabilities": probabilities}
+                row = prediction_row(text, mean_probabilities(each), problem_type)
                 if args.explain:
                     model, tokenizer = classifiers[0].model, classifiers[0].tokenizer
-                    explanations.append(explain(model, tokenizer, text, label=row["label"]))
+                    explanations.append(explain(model, tokenizer, text, label=row.get("label")))
                     row.update(tokens=explanations[-1].tokens, importance=explanations[-1].importance)
                 handle.write(json.dumps(row) + "\n")
     os.replace(partial, output)
@@ -342,6 +341,20 @@ def command_predict(args: argparse.Namespace) -> int:
         os.replace(written, page)
         print(f"Token importance (darker weighs more) in {page}")
     return 0
+
+
+def prediction_row(text: str, scores: dict[str, float], problem_type: str | None) -> dict:
+    """One line of `predict`'s output: the label and class probabilities; for multi-label classes every label whose
+    sigmoid reaches the threshold; for regression the value."""
+    from .metrics import MULTI_LABEL_THRESHOLD
+
+    if problem_type == "regression":
+        return {"text": text, "value": round(next(iter(scores.values())), 6)}
+    probabilities = {label: round(p, 6) for label, p in scores.items()}
+    if problem_type == "multi_label_classification":
+        labels = [label for label, p in scores.items() if p >= MULTI_LABEL_THRESHOLD]
+        return {"text": text, "labels": labels, "probabilities": probabilities}
+    return {"text": text, "label": max(scores, key=scores.get), "probabilities": probabilities}
 
 
 def _check_is_classifier(model: str) -> None:

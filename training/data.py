@@ -378,6 +378,7 @@ def validate_dataset(
     text_column: str | Sequence[str] = "text",
     label_column: str | None = None,
     label_names: Sequence[str] | None = None,
+    problem_type: str | None = None,
 ) -> None:
     """
     Check, before any training, that `dataset` can be trained on; raise `DataValidationError` naming the problem.
@@ -392,7 +393,7 @@ def validate_dataset(
     for column in text_columns:
         _check_texts(dataset, column)
     if label_column is not None:
-        _label_mapping(dataset, label_column, label_names)
+        encode_targets(dataset, label_column, label_names, problem_type, check_only=True)
 
 
 FIELD_SEPARATOR = "\n"  # between the fields of a text for subword tokenizers, which have no field marker
@@ -549,6 +550,93 @@ def encode_labels(
 
 def _map_labels(labels: list[Any], label_column: str, mapping: dict[Any, int]) -> dict[str, list[int]]:
     return {label_column: [mapping[label] for label in labels]}
+
+
+SINGLE_LABEL, MULTI_LABEL, REGRESSION = "single_label_classification", "multi_label_classification", "regression"
+PROBLEM_TYPES = (SINGLE_LABEL, MULTI_LABEL, REGRESSION)
+
+
+def infer_problem_type(dataset: datasets.Dataset, label_column: str) -> str:
+    """What a label column asks for, in transformers' `problem_type` names: lists of class names are multi-label,
+    floats are regression, and class names or integer ids are single-label classes."""
+    _check_columns(dataset, [label_column])
+    feature = dataset.features[label_column]
+    if not isinstance(feature, (datasets.Value, datasets.ClassLabel, datasets.List, datasets.Sequence)):
+        raise DataValidationError(
+            f"Label column {label_column!r} mixes kinds of labels ({feature}): give every row a class name, every row "
+            "a list of class names (multi-label), or every row a number (regression)."
+        )
+    if isinstance(feature, (datasets.List, datasets.Sequence)):
+        return MULTI_LABEL
+    if isinstance(feature, datasets.Value) and feature.dtype.startswith("float"):
+        return REGRESSION
+    return SINGLE_LABEL
+
+
+def encode_targets(
+    dataset: datasets.Dataset,
+    label_column: str = "label",
+    label_names: Sequence[str] | None = None,
+    problem_type: str | None = None,
+    check_only: bool = False,
+) -> tuple[datasets.Dataset, dict[str, int], dict[int, str], str]:
+    """
+    The label column as the classifier's targets, for any `problem_type` (inferred from the column when None):
+    class ids for single-label classes (`encode_labels`), multi-hot floats over `label_names` (default: every class
+    named, sorted) for multi-label lists, floats for regression.
+
+    Returns `(dataset, label2id, id2label, problem_type)`; with `check_only` the dataset is checked, not converted.
+    """
+    problem_type = problem_type or infer_problem_type(dataset, label_column)
+    if problem_type not in PROBLEM_TYPES:
+        raise ValueError(f"Unknown problem_type {problem_type!r}; choose one of {', '.join(PROBLEM_TYPES)}.")
+    if problem_type == SINGLE_LABEL:
+        if check_only:
+            _label_mapping(dataset, label_column, label_names)
+            return dataset, {}, {}, problem_type
+        return (*encode_labels(dataset, label_column, label_names), problem_type)
+    if problem_type == REGRESSION:
+        names = [label_column]
+        feature = dataset.features[label_column]
+        if not (isinstance(feature, datasets.Value) and feature.dtype.startswith(("int", "uint", "float"))):
+            raise DataValidationError(f"Label column {label_column!r} holds {feature}; regression needs numbers.")
+        values = np.asarray([np.nan if v is None else v for v in dataset[label_column]], dtype=np.float64)
+        bad = np.flatnonzero(~np.isfinite(values))
+        if len(bad):
+            raise DataValidationError(
+                f"Label column {label_column!r} has missing or infinite values at rows {_list_rows(bad)}: drop or fill "
+                "those rows."
+            )
+        if not check_only:
+            dataset = dataset.cast_column(label_column, datasets.Value("float32"))
+    else:
+        feature = dataset.features[label_column]
+        if not isinstance(feature, (datasets.List, datasets.Sequence)) or feature.feature != datasets.Value("string"):
+            raise DataValidationError(
+                f"Label column {label_column!r} holds {feature}; multi-label classes are lists of class names."
+            )
+        present = sorted({name for row in dataset[label_column] for name in (row or [])})
+        names = list(label_names) if label_names is not None else present
+        unknown = sorted(set(present) - set(names))
+        if unknown:
+            raise DataValidationError(
+                f"Label column {label_column!r} names {unknown} outside the label set {names}: add them to "
+                "label_names, or drop them from the data."
+            )
+        if not check_only:
+            index = {name: i for i, name in enumerate(names)}
+
+            def multi_hot(rows: list[list[str] | None]) -> dict[str, list[list[float]]]:
+                hot = np.zeros((len(rows), len(names)), dtype=np.float32)
+                for row, labels in enumerate(rows):
+                    hot[row, [index[name] for name in labels or []]] = 1.0
+                return {label_column: hot.tolist()}
+
+            features = dataset.features.copy()
+            features[label_column] = datasets.List(datasets.Value("float32"))
+            dataset = dataset.map(multi_hot, batched=True, input_columns=label_column, features=features)
+    label2id = {name: i for i, name in enumerate(names)}
+    return dataset, label2id, {i: name for name, i in label2id.items()}, problem_type
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -937,7 +1025,10 @@ class ClassificationCollator:
             attention_mask[row, columns] = 1
         batch = {"input_ids": input_ids, "attention_mask": attention_mask}
         if "labels" in features[0]:
-            batch["labels"] = torch.tensor([feature["labels"] for feature in features], dtype=torch.long)
+            labels = [feature["labels"] for feature in features]
+            # Class ids for single-label classes; multi-hot rows (multi-label) and numbers (regression) stay floats.
+            integral = isinstance(labels[0], (int, np.integer))
+            batch["labels"] = torch.tensor(labels, dtype=torch.long if integral else torch.float32)
         return batch
 
 

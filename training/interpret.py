@@ -36,7 +36,8 @@ def explain(
     text: str,
     label: str | int | None = None,
 ) -> Explanation:
-    """The importance of each token of `text` for the class `label` (a name or an id; the predicted class if None)."""
+    """The importance of each token of `text` for the class `label` (a name or an id; the predicted class if None):
+    its probability's gradient (a multi-label class's own sigmoid; a regression's predicted value)."""
     ids = tokenizer(text, return_tensors="pt").input_ids
     embed, embeddings = model.get_input_embeddings(), []
 
@@ -53,7 +54,7 @@ def explain(
     hook = model.base_model.register_forward_pre_hook(embed_keeping_gradient, with_kwargs=True)
     try:
         with torch.enable_grad():
-            probabilities = model(ids).logits.float().softmax(dim=-1)[0]
+            probabilities = _scores(model(ids).logits.float()[0], model.config.problem_type)
             class_id = _class_id(model, label, probabilities)
             model.zero_grad()
             probabilities[class_id].backward()
@@ -72,6 +73,14 @@ def explain(
         tokens=tokenizer.convert_ids_to_tokens(ids[0].tolist()),
         importance=[round(float(w), 6) for w in weights],
     )
+
+
+def _scores(logits: torch.Tensor, problem_type: str | None) -> torch.Tensor:
+    """What the classifier predicts per class: softmax probabilities, a sigmoid per class (multi-label) or the value
+    itself (regression)."""
+    if problem_type == "regression":
+        return logits
+    return logits.sigmoid() if problem_type == "multi_label_classification" else logits.softmax(dim=-1)
 
 
 def _class_id(model, label: str | int | None, probabilities: torch.Tensor) -> int:

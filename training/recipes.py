@@ -74,6 +74,9 @@ class StageSpec:
     drop_mult: float | None = None
     compare_from_scratch: bool = False  # classifier: also train it from random weights, to show what stages 1-2 add
     compare_tfidf: bool = False  # classifier: also fit TF-IDF + logistic regression on the same training split
+    # classifier: "single_label_classification", "multi_label_classification" or "regression"; by default lists of
+    # class names are multi-label, floats regression, and names or integer ids single-label classes.
+    problem_type: Literal["single_label_classification", "multi_label_classification", "regression"] | None = None
     training: dict[str, Any] = field(default_factory=dict)
 
 

@@ -27,7 +27,9 @@ from .data import (
     ClassificationCollator,
     DataSpec,
     TokenizedCorpus,
-    encode_labels,
+    REGRESSION,
+    SINGLE_LABEL,
+    encode_targets,
     join_text_fields,
     load_data,
     tokenize_for_classification,
@@ -35,7 +37,7 @@ from .data import (
     validate_dataset,
 )
 from .hub import CURVES_FILE, STAGE_FILE, StageRecord, push_stage, render_model_card
-from .metrics import classification_compute_metrics
+from .metrics import HEADLINE_METRICS, classification_compute_metrics
 from .lr_finder import RangeTest, find_learning_rate
 from .plots import plot_training_curves
 from .pretrained import PREFIX as PRETRAINED_PREFIX
@@ -248,14 +250,17 @@ def _split_eval(dataset, spec: StageSpec, seed: int):
     return parts["train"], parts["test"]
 
 
-def _read(spec: DataSpec, labelled: bool, max_documents: int | None = None, fastai_markers: bool = True):
+def _read(
+    spec: DataSpec, labelled: bool, max_documents: int | None = None, fastai_markers: bool = True,
+    problem_type: str | None = None,
+):
     """The validated data of `spec`, its text fields joined for the stage's tokenizer (`join_text_fields`)."""
     dataset = load_data(spec)
     if max_documents is not None and len(dataset) > max_documents:
         dataset = dataset.select(range(max_documents))
     validate_dataset(
         dataset, text_column=spec.text_fields, label_column=spec.label_column if labelled else None,
-        label_names=spec.label_names if labelled else None,
+        label_names=spec.label_names if labelled else None, problem_type=problem_type,
     )
     return join_text_fields(dataset, spec, fastai_markers)
 
@@ -363,7 +368,7 @@ def run_stage(
     baselines = {}
     if is_classifier and spec.compare_from_scratch:
         baselines.update(_train_from_scratch(model.config, args, trainer, test, folder))
-    if is_classifier and spec.compare_tfidf:
+    if is_classifier and spec.compare_tfidf and model.config.problem_type == SINGLE_LABEL:  # logistic regression
         baselines.update(_tfidf_baseline(spec, train, evaluation, tokenizer, args.seed))
     seconds = time.time() - started
     result = StageResult(
@@ -490,12 +495,11 @@ def _prepare_data(
         tokenizer = AutoTokenizer.from_pretrained(parent_path, trust_remote_code=True)
     # Several text fields are joined as the tokenizer expects: with fastai's field markers for its tokenizer.
     markers = tokenizer_spec.kind == "fastai" if tokenizer is None else has_field_markers(tokenizer)
-    train = _read(spec.data, labelled=is_classifier, max_documents=spec.max_documents, fastai_markers=markers)
+    reading = dict(labelled=is_classifier, fastai_markers=markers, problem_type=spec.problem_type)
+    train = _read(spec.data, max_documents=spec.max_documents, **reading)
     train, held_out = _split_eval(train, spec, seed)
     evaluation = (
-        _read(spec.eval_data, labelled=is_classifier, max_documents=spec.max_eval_documents, fastai_markers=markers)
-        if spec.eval_data is not None
-        else held_out
+        _read(spec.eval_data, max_documents=spec.max_eval_documents, **reading) if spec.eval_data is not None else held_out
     )
     if tokenizer is None:
         tokenizer = build_tokenizer(tokenizer_spec, train, spec.data.text_key)
@@ -519,7 +523,9 @@ def _train_from_scratch(config, args, trainer, test, folder: Path) -> dict[str, 
     )
     scratch_trainer.train()
     metrics = _final_metrics(scratch_trainer, None, test, is_classifier=True)
-    return {f"from_scratch_{name}": value for name, value in metrics.items() if name.endswith("accuracy")}
+    # Single-label classes: accuracy alone; the other problem types keep each of their headline metrics.
+    single = (config.problem_type or SINGLE_LABEL) == SINGLE_LABEL
+    return {f"from_scratch_{name}": value for name, value in metrics.items() if not single or name.endswith("accuracy")}
 
 
 def _tfidf_baseline(spec: StageSpec, train, evaluation, tokenizer, seed: int) -> dict[str, float]:
@@ -571,16 +577,18 @@ def _language_model_trainer(recipe, spec, parent_path, tokenizer, train, evaluat
 
 def _classifier_trainer(recipe, spec, parent_path, tokenizer, train, evaluation, args):
     label_column = spec.data.label_column
-    train, label2id, id2label = encode_labels(train, label_column=label_column, label_names=spec.data.label_names)
+    train, label2id, id2label, problem_type = encode_targets(
+        train, label_column=label_column, label_names=spec.data.label_names, problem_type=spec.problem_type
+    )
     names = [id2label[i] for i in range(len(id2label))]
-    if len(names) < 2:
+    if len(names) < 2 and problem_type != REGRESSION:
         raise ValueError(
             f"The classifier's training data has {len(names)} class(es) {names} in column {label_column!r}: a "
             "classifier needs at least two. Check the label column and the data, or set label_names."
         )
     model = AwdLstmForSequenceClassification.from_pretrained(
         parent_path, dtype=TRAINING_DTYPE, num_labels=len(names), id2label=id2label, label2id=label2id,
-        **AwdLstmConfig.dropouts("classifier", _drop_mult(recipe, spec)),
+        problem_type=problem_type, **AwdLstmConfig.dropouts("classifier", _drop_mult(recipe, spec)),
     )
     column = spec.data.text_key
     if spec.max_tokens is not None:
@@ -589,7 +597,10 @@ def _classifier_trainer(recipe, spec, parent_path, tokenizer, train, evaluation,
     def prepare(dataset, data_spec):
         if dataset is None:
             return None
-        dataset, _, _ = encode_labels(dataset, label_column=data_spec.label_column, label_names=names)
+        dataset = encode_targets(
+            dataset, label_column=data_spec.label_column, label_names=None if problem_type == REGRESSION else names,
+            problem_type=problem_type,
+        )[0]
         return tokenize_for_classification(
             dataset, tokenizer, text_column=data_spec.text_key, label_column=data_spec.label_column,
             max_length=spec.max_tokens,
@@ -600,11 +611,14 @@ def _classifier_trainer(recipe, spec, parent_path, tokenizer, train, evaluation,
     )
     eval_tokens = prepare(evaluation, spec.eval_data or spec.data)
     markers = has_field_markers(tokenizer)
-    test = _read(spec.test_data, labelled=True, fastai_markers=markers) if spec.test_data is not None else None
+    test = (
+        _read(spec.test_data, labelled=True, fastai_markers=markers, problem_type=problem_type)
+        if spec.test_data is not None else None
+    )
     test_tokens = prepare(test, spec.test_data) if test is not None else None
     trainer = ULMFiTTrainer(
         model=model, args=args, train_dataset=train_tokens, eval_dataset=eval_tokens, processing_class=tokenizer,
-        data_collator=ClassificationCollator(tokenizer), compute_metrics=classification_compute_metrics(),
+        data_collator=ClassificationCollator(tokenizer), compute_metrics=classification_compute_metrics(problem_type),
     )
     return model, trainer, test_tokens
 
@@ -615,7 +629,8 @@ def _final_metrics(trainer, evaluation, test, is_classifier: bool) -> dict[str, 
         if dataset is None:
             return {}
         results = trainer.evaluate(dataset, metric_key_prefix=prefix)
-        return {f"{prefix}_{name}": float(results[f"{prefix}_{name}"]) for name in ("accuracy", "f1", "error_rate")}
+        names = HEADLINE_METRICS[trainer.model.config.problem_type or SINGLE_LABEL]
+        return {f"{prefix}_{name}": float(results[f"{prefix}_{name}"]) for name in names}
     if evaluation is None:
         return {}
     # The evaluation run at the end of the last epoch already measured the final weights.
