@@ -37,7 +37,7 @@ from fastai.text.all import (
 
 from benchmarks.fastai_side import CpuBf16Autocast
 from modeling_awd_lstm import AwdLstmConfig, AwdLstmTokenizer
-from modeling_awd_lstm.convert_fastai import fastai_learner_to_transformers, save_fastai_pretrained
+from training.convert_fastai import fastai_learner_to_transformers, save_fastai_pretrained
 from training.optim import discriminative_learning_rates
 from training.schedules import slanted_triangular
 

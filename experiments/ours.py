@@ -15,7 +15,7 @@ import torch
 from transformers import set_seed
 
 from modeling_awd_lstm import AwdLstmConfig, AwdLstmForCausalLM, AwdLstmForSequenceClassification, AwdLstmTokenizer
-from modeling_awd_lstm.convert_fastai import transfer_vocab
+from training.convert_fastai import transfer_vocab
 from training import stages
 from training.data import TokenizedCorpus, encode_labels, tokenize_for_classification, tokenize_for_lm
 from training.hub import STAGE_FILE, StageRecord

@@ -9,7 +9,7 @@ import torch
 from conftest import read_imdb
 
 from modeling_awd_lstm import AwdLstmConfig, AwdLstmForCausalLM, AwdLstmForSequenceClassification
-from modeling_awd_lstm.convert_fastai import (
+from training.convert_fastai import (
     FastaiConversionError,
     convert_fastai_state_dict,
     save_fastai_pretrained,

@@ -9,7 +9,7 @@ import torch
 from conftest import read_imdb
 
 from modeling_awd_lstm import AwdLstmConfig, AwdLstmForCausalLM
-from modeling_awd_lstm.convert_fastai import to_fastai_state_dict
+from training.convert_fastai import to_fastai_state_dict
 from training.data import LanguageModelingStream, TokenizedCorpus
 from training.lr_finder import RangeTest, exponential_rates, find_learning_rate, minimum, smooth, valley
 from training.tokenizer_training import train_fastai_tokenizer

@@ -37,9 +37,21 @@ import numpy as np
 import torch
 from transformers.utils import logging
 
-from .configuration_awd_lstm import AwdLstmConfig
-from .modeling_awd_lstm import AwdLstmForCausalLM, AwdLstmForSequenceClassification, AwdLstmPreTrainedModel
-from .tokenization_awd_lstm import BOS, EOS, PAD, PRE_RULES, VOCAB_FILES_NAMES, AwdLstmTokenizer, lowercase
+from modeling_awd_lstm.configuration_awd_lstm import AwdLstmConfig
+from modeling_awd_lstm.modeling_awd_lstm import (
+    AwdLstmForCausalLM,
+    AwdLstmForSequenceClassification,
+    AwdLstmPreTrainedModel,
+)
+from modeling_awd_lstm.tokenization_awd_lstm import (
+    BOS,
+    EOS,
+    PAD,
+    PRE_RULES,
+    VOCAB_FILES_NAMES,
+    AwdLstmTokenizer,
+    lowercase,
+)
 
 
 logger = logging.get_logger(__name__)
