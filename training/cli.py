@@ -11,7 +11,6 @@ Under `accelerate launch -m training run RECIPE` every process trains; the main 
 
 import argparse
 import atexit
-import csv
 import dataclasses
 import json
 import os
@@ -267,33 +266,17 @@ def command_arguments(args: argparse.Namespace) -> int:
 
 
 def read_texts(path: str, text_columns: list[str], fastai_markers: bool = True) -> list[str]:
-    """Texts of a .txt (one per line), .csv or .jsonl file; several text columns joined as in training."""
-    from .data import join_fields
+    """The texts of a data file (.txt one per line, .csv, .jsonl, .parquet), read as the stages read their data;
+    several text columns joined as in training."""
+    from .data import DataSpec, join_text_fields, load_data, validate_dataset
 
-    file = Path(path)
-    if not file.exists():
+    if not Path(path).exists():
         raise FileNotFoundError(f"No file {path}.")
-    if file.suffix == ".csv":
-        with file.open(newline="", encoding="utf-8") as handle:
-            rows = list(csv.DictReader(handle))
-        absent = [column for column in text_columns if rows and column not in rows[0]]
-        if absent:
-            raise ValueError(f"{path} has no column {absent[0]!r} (columns: {', '.join(rows[0])}); use --text-column.")
-    elif file.suffix in (".jsonl", ".json"):
-        rows = [json.loads(line) for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
-        for column in text_columns:
-            missing = [i for i, row in enumerate(rows) if column not in row]
-            if missing:
-                raise ValueError(f"{path}: rows {missing[:5]} have no {column!r} field; use --text-column.")
-    else:
-        if len(text_columns) > 1:
-            raise ValueError(f"{path} holds one text per line: several --text-column need a .csv or .jsonl file.")
-        rows = [{text_columns[0]: line} for line in file.read_text(encoding="utf-8").splitlines()]
-    fields = [[row[column] for column in text_columns] for row in rows]
-    empty = [i for i, row in enumerate(fields) if any(not isinstance(text, str) or not text.strip() for text in row)]
-    if empty:
-        raise ValueError(f"{path}: rows {empty[:5]} are empty; remove them or fill them in.")
-    return [row[0] if len(row) == 1 else join_fields(row, fastai_markers) for row in fields]
+    spec = DataSpec(path=path, text_column=text_columns[0] if len(text_columns) == 1 else list(text_columns),
+                    label_column=None)
+    dataset = load_data(spec)
+    validate_dataset(dataset, text_column=spec.text_fields)
+    return list(join_text_fields(dataset, spec, fastai_markers)[spec.text_key])
 
 
 def command_predict(args: argparse.Namespace) -> int:

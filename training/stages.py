@@ -351,9 +351,9 @@ def run_stage(
             resume_from = prepare_stage_folder(folder, settings, overwrite=overwrite, restart=restart)
         else:
             resume_from = last_checkpoint(folder)
-    tokenizer, train, evaluation, model, trainer, test = _build_stage(
-        recipe, stage_name, parent_path, args, resume_from
-    )
+    built = _build_stage(recipe, stage_name, parent_path, args, resume_from)
+    tokenizer, train, evaluation = built.tokenizer, built.train, built.evaluation
+    model, trainer, test = built.model, built.trainer, built.test_tokens
     notes = ""
     if finds_learning_rate(spec, overrides):
         if args.world_size > 1:  # each process would test on its own rows and find its own rate
@@ -369,7 +369,7 @@ def run_stage(
     if is_classifier and spec.compare_from_scratch:
         baselines.update(_train_from_scratch(model.config, args, trainer, test, folder))
     if is_classifier and spec.compare_tfidf and model.config.problem_type == SINGLE_LABEL:  # logistic regression
-        baselines.update(_tfidf_baseline(spec, train, evaluation, tokenizer, args.seed))
+        baselines.update(_tfidf_baseline(spec, train, evaluation, built.test, args.seed))
     seconds = time.time() - started
     result = StageResult(
         stage=stage_name, folder=str(folder), metrics=metrics, seconds=seconds,
@@ -405,18 +405,38 @@ def run_stage(
     return result
 
 
-def _build_stage(recipe: Recipe, stage_name: str, parent_path: str | None, args, resume_from: str | None = None):
+@dataclass
+class BuiltStage:
+    """A stage ready to train: its tokenizer, its data as read (the test split read once, with train and eval), the
+    model and its trainer, and the test split as the classifier reads it."""
+
+    tokenizer: PreTrainedTokenizerBase
+    train: object
+    evaluation: object
+    test: object
+    model: object
+    trainer: ULMFiTTrainer
+    test_tokens: object = None
+
+
+def _build_stage(
+    recipe: Recipe, stage_name: str, parent_path: str | None, args, resume_from: str | None = None
+) -> BuiltStage:
     """The stage's tokenizer, data, model and trainer, ready to train."""
     spec, is_classifier = recipe.stages[stage_name], stage_name == "classifier"
     set_seed(args.seed)  # the model's initial weights and the classifier head come from it
     # Under several processes the main one reads, tokenizes and caches first; the others reuse its caches.
     with args.main_process_first(desc=f"{stage_name}: preparing data"):
-        tokenizer, train, evaluation = _prepare_data(spec, parent_path, recipe.seed, is_classifier, recipe, resume_from)
+        tokenizer, train, evaluation, test = _prepare_data(
+            spec, parent_path, recipe.seed, is_classifier, recipe, resume_from
+        )
         if is_classifier:
-            model, trainer, test = _classifier_trainer(recipe, spec, parent_path, tokenizer, train, evaluation, args)
+            model, trainer, test_tokens = _classifier_trainer(
+                recipe, spec, parent_path, tokenizer, train, evaluation, test, args
+            )
         else:
             model, trainer = _language_model_trainer(recipe, spec, parent_path, tokenizer, train, evaluation, args)
-            test = None
+            test_tokens = None
     if model.config.backwards != recipe.model.backwards:  # a parent's direction is its weights': it cannot change
         reads, recipe_reads = ("backwards", "forwards") if model.config.backwards else ("forwards", "backwards")
         raise ValueError(
@@ -424,7 +444,7 @@ def _build_stage(recipe: Recipe, stage_name: str, parent_path: str | None, args,
             f"{str(recipe.model.backwards).lower()}): start from a parent that reads {recipe_reads}, or set "
             f"model.backwards: {str(model.config.backwards).lower()}."
         )
-    return tokenizer, train, evaluation, model, trainer, test
+    return BuiltStage(tokenizer, train, evaluation, test, model, trainer, test_tokens)
 
 
 def finds_learning_rate(spec: StageSpec, overrides: dict | None = None) -> bool:
@@ -467,7 +487,7 @@ def find_stage_learning_rate(
         raise ValueError(f"Stage {stage_name!r} needs a parent: set `stages.{stage_name}.parent` or pass --parent.")
     with tempfile.TemporaryDirectory() as scratch:  # the stage's own folder stays as it is
         args = _training_arguments(recipe, spec, Path(scratch), training_overrides or {}, parent_path is None)
-        trainer = _build_stage(recipe, stage_name, parent_path, args)[4]
+        trainer = _build_stage(recipe, stage_name, parent_path, args).trainer
         test = find_learning_rate(trainer, **range_test)
     output_dir.mkdir(parents=True, exist_ok=True)
     return test, test.plot(output_dir / f"{stage_name}-{LR_FIND_PLOT}")
@@ -484,8 +504,8 @@ def _prepare_data(
     spec: StageSpec, parent_path: str | None, seed: int, is_classifier: bool, recipe: Recipe,
     resume_from: str | None = None,
 ):
-    """The stage's tokenizer and its validated training and evaluation sets. An interrupted stage that built its
-    own tokenizer gets it back from its checkpoint rather than building it again."""
+    """The stage's tokenizer and its validated training, evaluation and (for a classifier) test sets. An interrupted
+    stage that built its own tokenizer gets it back from its checkpoint rather than building it again."""
     tokenizer_spec = spec.tokenizer or recipe.tokenizer
     builds_tokenizer = parent_path is None or tokenizer_spec.rebuild
     tokenizer = None
@@ -501,9 +521,10 @@ def _prepare_data(
     evaluation = (
         _read(spec.eval_data, max_documents=spec.max_eval_documents, **reading) if spec.eval_data is not None else held_out
     )
+    test = _read(spec.test_data, **reading) if spec.test_data is not None and is_classifier else None
     if tokenizer is None:
         tokenizer = build_tokenizer(tokenizer_spec, train, spec.data.text_key)
-    return tokenizer, train, evaluation
+    return tokenizer, train, evaluation, test
 
 
 def has_field_markers(tokenizer: PreTrainedTokenizerBase) -> bool:
@@ -528,13 +549,12 @@ def _train_from_scratch(config, args, trainer, test, folder: Path) -> dict[str, 
     return {f"from_scratch_{name}": value for name, value in metrics.items() if not single or name.endswith("accuracy")}
 
 
-def _tfidf_baseline(spec: StageSpec, train, evaluation, tokenizer, seed: int) -> dict[str, float]:
+def _tfidf_baseline(spec: StageSpec, train, evaluation, test, seed: int) -> dict[str, float]:
     """TF-IDF + logistic regression fit on the classifier's own training split, scored where the classifier is."""
     from .baselines import tfidf_logreg
 
     scored_spec, prefix = (spec.test_data, "test") if spec.test_data is not None else (spec.eval_data or spec.data, "eval")
-    markers = has_field_markers(tokenizer)
-    scored = _read(spec.test_data, labelled=True, fastai_markers=markers) if spec.test_data is not None else evaluation
+    scored = test if spec.test_data is not None else evaluation
     if scored is None:
         return {}
 
@@ -575,7 +595,7 @@ def _language_model_trainer(recipe, spec, parent_path, tokenizer, train, evaluat
     return model, trainer
 
 
-def _classifier_trainer(recipe, spec, parent_path, tokenizer, train, evaluation, args):
+def _classifier_trainer(recipe, spec, parent_path, tokenizer, train, evaluation, test, args):
     label_column = spec.data.label_column
     train, label2id, id2label, problem_type = encode_targets(
         train, label_column=label_column, label_names=spec.data.label_names, problem_type=spec.problem_type
@@ -610,11 +630,6 @@ def _classifier_trainer(recipe, spec, parent_path, tokenizer, train, evaluation,
         train, tokenizer, text_column=column, label_column=label_column, max_length=spec.max_tokens
     )
     eval_tokens = prepare(evaluation, spec.eval_data or spec.data)
-    markers = has_field_markers(tokenizer)
-    test = (
-        _read(spec.test_data, labelled=True, fastai_markers=markers, problem_type=problem_type)
-        if spec.test_data is not None else None
-    )
     test_tokens = prepare(test, spec.test_data) if test is not None else None
     trainer = ULMFiTTrainer(
         model=model, args=args, train_dataset=train_tokens, eval_dataset=eval_tokens, processing_class=tokenizer,
