@@ -10,14 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 from transformers import TrainerCallback, TrainingArguments
-from transformers.trainer_utils import get_last_checkpoint
 
 from modeling_awd_lstm import AwdLstmConfig, AwdLstmForCausalLM, AwdLstmForSequenceClassification
 from modeling_awd_lstm import modeling_awd_lstm
 from scripts.ulmfit_tiny import single_thread  # noqa: F401  (a fixture, used by pytestmark)
 from scripts.ulmfit_tiny import classification_dataset, lm_corpus, tiny_config, word_tokenizer
 from training.data import LanguageModelingStream, SortedBatchSampler
-from training.trainer import ULMFiTTrainer, ULMFiTTrainingArguments
+from training.trainer import COMPLETE_MARK, ULMFiTTrainer, ULMFiTTrainingArguments, last_complete_checkpoint
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 SCRIPTS = Path(__file__).resolve().parent / "scripts"
@@ -250,22 +249,23 @@ def test_resumed_classifier_run_freezes_the_same_groups(tokenizer, reviews, tmp_
 
 
 def test_a_crash_while_saving_leaves_no_checkpoint_to_resume(tokenizer, corpus, tmp_path):
-    class CrashWhileSaving(ULMFiTTrainer):
-        def _save_rng_state(self, output_dir):
-            if self.state.global_step == 10:
-                raise Crash  # after the weights and optimizer are written, before the rest
-            super()._save_rng_state(output_dir)
+    class CrashWhileSaving(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            if state.global_step == 10:
+                raise Crash  # the Trainer's files are written, the recurrent state and the mark are not
 
-    args = arguments(tmp_path, max_steps=12, save_strategy="steps", save_steps=5)
+    args = arguments(tmp_path, max_steps=12, save_strategy="steps", save_steps=5, save_total_limit=None)
     with pytest.raises(Crash):
-        CrashWhileSaving(model=lm_model(tokenizer), args=args, train_dataset=corpus).train()
-    assert sorted(os.listdir(tmp_path)) == ["checkpoint-5", "tmp-checkpoint-10"]
-    assert get_last_checkpoint(str(tmp_path)).endswith("checkpoint-5")
+        ULMFiTTrainer(model=lm_model(tokenizer), args=args, train_dataset=corpus, callbacks=[CrashWhileSaving]).train()
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint-10", "checkpoint-5"]
+    assert not (tmp_path / "checkpoint-10" / COMPLETE_MARK).exists()
+    assert last_complete_checkpoint(tmp_path).endswith("checkpoint-5")
 
     resumed = ULMFiTTrainer(model=lm_model(tokenizer), args=args, train_dataset=corpus)
     resumed.train(resume_from_checkpoint=True)
     assert resumed.state.global_step == 12
     assert sorted(os.listdir(tmp_path)) == ["checkpoint-10", "checkpoint-12", "checkpoint-5"]
+    assert all((tmp_path / name / COMPLETE_MARK).exists() for name in os.listdir(tmp_path))
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -144,6 +144,14 @@ class DataSpec:
                     f"format={self.format!r} reads one text per document: several text columns need csv, tsv, json, "
                     "parquet or a Hub dataset."
                 )
+        if self.label_names is not None and (
+            not isinstance(self.label_names, (list, tuple)) or not all(isinstance(n, str) for n in self.label_names)
+        ):
+            raise ValueError(
+                f"label_names must be a list of class names, e.g. [neg, pos]; got {self.label_names!r}."
+            )
+        if self.sample_by is not None and self.sample_by not in ("line", "paragraph", "document"):
+            raise ValueError(f"sample_by must be 'line', 'paragraph' or 'document', not {self.sample_by!r}.")
 
     @property
     def text_fields(self) -> list[str]:
@@ -154,14 +162,6 @@ class DataSpec:
     def text_key(self) -> str:
         """The column the text is read from once its fields are joined: the text column itself when there is one."""
         return "+".join(self.text_fields)
-        if self.label_names is not None and (
-            not isinstance(self.label_names, (list, tuple)) or not all(isinstance(n, str) for n in self.label_names)
-        ):
-            raise ValueError(
-                f"label_names must be a list of class names, e.g. [neg, pos]; got {self.label_names!r}."
-            )
-        if self.sample_by is not None and self.sample_by not in ("line", "paragraph", "document"):
-            raise ValueError(f"sample_by must be 'line', 'paragraph' or 'document', not {self.sample_by!r}.")
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> "DataSpec":

@@ -19,7 +19,6 @@ from pathlib import Path
 
 import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, set_seed
-from transformers.trainer_utils import get_last_checkpoint
 
 from modeling_awd_lstm import AwdLstmConfig, AwdLstmForCausalLM, AwdLstmForSequenceClassification, AwdLstmTokenizer
 
@@ -51,7 +50,7 @@ LR_FIND_FILE, LR_FIND_PLOT = "lr_find.json", "lr_find.png"
 # Stages keep fp32 weights (bf16 runs under autocast): a parent stored in bf16, as shipped models are, is upcast rather
 # than loaded in the dtype its config records, which transformers would otherwise keep.
 TRAINING_DTYPE = torch.float32
-from .trainer import ULMFiTTrainer, ULMFiTTrainingArguments
+from .trainer import ULMFiTTrainer, ULMFiTTrainingArguments, last_complete_checkpoint
 
 
 @dataclass
@@ -109,9 +108,8 @@ def is_finished(folder: str | Path) -> bool:
 
 
 def last_checkpoint(folder: str | Path) -> str | None:
-    """The latest complete checkpoint of the stage in `folder` (checkpoints are renamed into place once written)."""
-    checkpoints = Path(folder, CHECKPOINTS)
-    return get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
+    """The latest complete checkpoint of the stage in `folder` (a save cut short is not one)."""
+    return last_complete_checkpoint(Path(folder, CHECKPOINTS))
 
 
 def prepare_stage_folder(folder: Path, settings: dict, overwrite: bool = False, restart: bool = False) -> str | None:
@@ -293,7 +291,7 @@ def _training_arguments(
         seed=recipe.seed,
         lm_bptt=recipe.model.bptt,
         save_strategy="epoch",
-        save_total_limit=1,
+        save_total_limit=2,  # the previous checkpoint stays until the newest is complete
         eval_strategy="epoch",
         logging_steps=10,
         report_to="none",

@@ -13,10 +13,9 @@ by an `HfArgumentParser` CLI), and `ULMFiTTrainer` trains with them:
   interrupted run ends where the uninterrupted run ends.
 """
 
-import glob
 import math
 import os
-import shutil
+import re
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -25,9 +24,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 from transformers import Trainer, TrainerCallback, TrainingArguments, get_scheduler
-from transformers.trainer import TRAINER_STATE_NAME
-from transformers.trainer_callback import ExportableState
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, SaveStrategy, get_last_checkpoint, rotate_checkpoints
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import logging
 
 from modeling_awd_lstm import AwdLstmCache, AwdLstmForSequenceClassification
@@ -41,10 +38,22 @@ from .unfreezing import GradualUnfreezingCallback, parse_unfreeze_schedule, set_
 
 
 SCHEDULES = ("stlr", "one_cycle", "fine_tune", "constant", "cosine")
-# A checkpoint is written under this prefix and renamed to `checkpoint-<step>` once complete; the Trainer's
-# `get_last_checkpoint` and checkpoint rotation only see `checkpoint-<step>` folders.
-STAGING_PREFIX = "tmp-"
 RECURRENT_STATE_NAME = "recurrent_state"
+# Written into a checkpoint once everything else is there: a checkpoint without it (a save cut short) is not resumed.
+COMPLETE_MARK = "ulmfit_checkpoint_complete"
+_CHECKPOINT = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
+
+
+def last_complete_checkpoint(folder: str | os.PathLike) -> str | None:
+    """The latest checkpoint in `folder` that a `ULMFiTTrainer` finished writing, or None."""
+    if not os.path.isdir(folder):
+        return None
+    steps = {
+        int(match.group(1)): name
+        for name in os.listdir(folder)
+        if (match := _CHECKPOINT.match(name)) and os.path.isfile(os.path.join(folder, name, COMPLETE_MARK))
+    }
+    return os.path.join(folder, steps[max(steps)]) if steps else None
 
 logger = logging.get_logger(__name__)
 
@@ -229,6 +238,22 @@ def _fewest_batches(stream: LanguageModelingStream, num_epochs: int) -> int:
     return min(counts)
 
 
+class _CompleteCheckpointCallback(TrainerCallback):
+    """Adds to each checkpoint the Trainer has written what it lacks (each process's recurrent state), then marks it
+    complete, once every process has written its part."""
+
+    def __init__(self, trainer: "ULMFiTTrainer"):
+        self.trainer = trainer
+
+    def on_save(self, args, state, control, **kwargs):
+        checkpoint = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+        self.trainer._save_recurrent_state(checkpoint)
+        self.trainer.accelerator.wait_for_everyone()
+        if args.should_save:
+            with open(os.path.join(checkpoint, COMPLETE_MARK), "w") as mark:
+                mark.write(f"{state.global_step}\n")
+
+
 class _EpochStartCallback(TrainerCallback):
     """Lets the trainer position its data and reset the recurrent state before each epoch's first batch is read."""
 
@@ -288,6 +313,7 @@ class ULMFiTTrainer(Trainer):
         if self._unfreezing is not None:
             self.add_callback(self._unfreezing)
         self.add_callback(_EpochStartCallback(self))
+        self.add_callback(_CompleteCheckpointCallback(self))
 
         self._steps_per_epoch = None
         self._train_sampler = None
@@ -457,9 +483,11 @@ class ULMFiTTrainer(Trainer):
             self._created_lr_scheduler = True
         return self.lr_scheduler
 
-    def _get_learning_rate(self) -> float:
-        # Log the top layer group's rate (the base rate), not the bottom group's, as `learning_rate`.
-        return self.lr_scheduler.get_last_lr()[-1]
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "learning_rate" in logs and self.lr_scheduler is not None:
+            # The top layer group's rate (the base rate), not the bottom group's, is the run's `learning_rate`.
+            logs["learning_rate"] = self.lr_scheduler.get_last_lr()[-1]
+        super().log(logs, start_time)
 
     def _unfreezing_callback(self) -> GradualUnfreezingCallback | None:
         args = self.args
@@ -479,7 +507,7 @@ class ULMFiTTrainer(Trainer):
 
     def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, ignore_keys_for_eval=None, **kwargs):
         if resume_from_checkpoint is True:
-            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
+            resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir)
             if resume_from_checkpoint is None:
                 raise ValueError(f"No complete checkpoint found in output directory ({self.args.output_dir}).")
         if resume_from_checkpoint:
@@ -491,9 +519,6 @@ class ULMFiTTrainer(Trainer):
             # An `evaluate()` before training prepared the model for evaluation, and accelerate then marks it as
             # prepared: training would skip the DDP wrap and each process would train its own copy. Let it wrap.
             self.model._is_accelerate_prepared = False
-        if self.args.should_save and os.path.isdir(self.args.output_dir):
-            for leftover in glob.glob(os.path.join(self.args.output_dir, f"{STAGING_PREFIX}{PREFIX_CHECKPOINT_DIR}-*")):
-                shutil.rmtree(leftover, ignore_errors=True)  # a save interrupted by a crash
         return super().train(resume_from_checkpoint, trial, ignore_keys_for_eval, **kwargs)
 
     def compute_loss(self, model: nn.Module, inputs: dict, return_outputs: bool = False, num_items_in_batch=None):
@@ -535,7 +560,8 @@ class ULMFiTTrainer(Trainer):
         if self._eval_batches is None:
             return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
         # A language-model stream: carry the state through the evaluation as through training.
-        inputs = self._prepare_inputs(inputs)
+        inputs = {name: value.to(self.args.device) if isinstance(value, torch.Tensor) else value
+                  for name, value in inputs.items()}
         with torch.no_grad(), self.compute_loss_context_manager():
             outputs = model(**inputs, cache=self._eval_cache, use_cache=True)
         self._eval_cache = outputs.cache
@@ -544,61 +570,6 @@ class ULMFiTTrainer(Trainer):
         return loss, None, None
 
     # ---- Checkpoints ----
-
-    def _save_checkpoint(self, model: nn.Module, trial) -> None:
-        """
-        The Trainer's checkpoint plus the recurrent state, written to `tmp-checkpoint-<step>` and renamed to
-        `checkpoint-<step>` once every process has written its part, so a crash never leaves a partial checkpoint
-        under a name `resume_from_checkpoint=True` would pick.
-        """
-        args = self.args
-        run_dir = self._get_output_dir(trial=trial)
-        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-        output_dir, staging_dir = os.path.join(run_dir, name), os.path.join(run_dir, STAGING_PREFIX + name)
-        if args.should_save:
-            shutil.rmtree(staging_dir, ignore_errors=True)
-        self.accelerator.wait_for_everyone()
-
-        if self.hp_search_backend is None and trial is None:
-            self.store_flos()
-        self.save_model(staging_dir, _internal_call=True)
-        if not args.save_only_model:
-            self._save_optimizer_and_scheduler(staging_dir)
-            self._save_scaler(staging_dir)
-            self._save_rng_state(staging_dir)
-        self._save_recurrent_state(staging_dir)
-
-        best_step = self.state.best_global_step
-        if args.save_strategy in [SaveStrategy.STEPS, SaveStrategy.EPOCH, SaveStrategy.BEST] and best_step:
-            best_dir = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{best_step}")
-            if best_step == self.state.global_step or os.path.exists(best_dir):
-                self.state.best_model_checkpoint = best_dir
-        if args.should_save:
-            for callback in self.callback_handler.callbacks + [self.control]:
-                if isinstance(callback, ExportableState):
-                    callback_name = callback.__class__.__name__
-                    if isinstance(self.state.stateful_callbacks[callback_name], list):
-                        self.state.stateful_callbacks[callback_name].append(callback.state())
-                    else:
-                        self.state.stateful_callbacks[callback_name] = callback.state()
-            self.state.save_to_json(os.path.join(staging_dir, TRAINER_STATE_NAME))
-
-        self.accelerator.wait_for_everyone()
-        if args.should_save:
-            if os.path.exists(output_dir):
-                shutil.rmtree(output_dir)  # the same step saved by an earlier run
-            os.replace(staging_dir, output_dir)
-        self.accelerator.wait_for_everyone()
-
-        if args.push_to_hub:
-            self._push_from_checkpoint(output_dir)
-        if args.should_save:
-            rotate_checkpoints(
-                output_dir=run_dir,
-                save_total_limit=args.save_total_limit,
-                best_model_checkpoint=self.state.best_model_checkpoint,
-                use_mtime=True,
-            )
 
     def _recurrent_state_file(self, checkpoint_dir: str) -> str:
         suffix = f"_{self.args.process_index}" if self.args.world_size > 1 else ""
@@ -619,4 +590,4 @@ class ULMFiTTrainer(Trainer):
         return AwdLstmCache([(h, c) for h, c in saved["states"]])
 
 
-__all__ = ["SCHEDULES", "ULMFiTTrainer", "ULMFiTTrainingArguments"]
+__all__ = ["SCHEDULES", "ULMFiTTrainer", "ULMFiTTrainingArguments", "last_complete_checkpoint"]
