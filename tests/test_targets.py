@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from transformers import EvalPrediction
 
 from training.cli import main
@@ -95,6 +96,9 @@ def test_multi_label_and_regression_metrics():
     labels = np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
     multi = classification_compute_metrics("multi_label_classification")(EvalPrediction(logits, labels))
     assert multi["accuracy"] == pytest.approx(5 / 6) and multi["subset_accuracy"] == 0.5
+    from fastai.metrics import accuracy_multi
+
+    assert multi["accuracy"] == pytest.approx(float(accuracy_multi(torch.tensor(logits), torch.tensor(labels))))
     assert multi["f1_micro"] == pytest.approx(2 * 2 / (2 * 2 + 1))  # tp 2, fp 1, fn 0
     predicted, ratings = np.array([[7.0], [2.0]]), np.array([9.0, 1.0])
     regression = classification_compute_metrics("regression")(EvalPrediction(predicted, ratings))
