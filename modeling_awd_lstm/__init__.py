@@ -1,4 +1,5 @@
-"""AWD-LSTM for ULMFiT in transformers. Importing this package registers it with the Auto classes."""
+"""AWD-LSTM for ULMFiT in transformers. Importing this package registers it with the Auto classes; each of its files
+registers its own classes for the `auto_map` of saved folders, so that they load where the package is not installed."""
 
 from transformers import (
     AutoConfig,
@@ -24,11 +25,6 @@ AutoModel.register(AwdLstmConfig, AwdLstmModel, exist_ok=True)
 AutoModelForCausalLM.register(AwdLstmConfig, AwdLstmForCausalLM, exist_ok=True)
 AutoModelForSequenceClassification.register(AwdLstmConfig, AwdLstmForSequenceClassification, exist_ok=True)
 AutoTokenizer.register(AwdLstmConfig, tokenizer_class=AwdLstmTokenizer, exist_ok=True)
-
-AwdLstmConfig.register_for_auto_class()
-AwdLstmModel.register_for_auto_class("AutoModel")
-AwdLstmForCausalLM.register_for_auto_class("AutoModelForCausalLM")
-AwdLstmForSequenceClassification.register_for_auto_class("AutoModelForSequenceClassification")
 
 __all__ = [
     "AwdLstmCache",

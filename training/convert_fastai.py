@@ -552,9 +552,6 @@ def convert_fastai(
 
     output_dir = Path(output_dir)
     model.save_pretrained(output_dir)
-    if type(tokenizer)._auto_class is None:
-        # Saves the tokenizer code beside the vocabulary, so the folder loads where this package is not installed.
-        type(tokenizer).register_for_auto_class("AutoTokenizer")
     tokenizer.save_pretrained(output_dir)
     card = _model_card(model, {name: (path.name, _sha256(path)) for name, path in sources.items()}, fastai_version)
     (output_dir / "README.md").write_text(card, encoding="utf-8")
