@@ -23,7 +23,7 @@ from experiments.stage1_evaluate import SPLITS, evaluate_wikitext2
 from training.hub import CURVES_FILE, MODEL_CODE_FILES, StageRecord, write_model_card
 from training.plots import plot_training_curves
 from training.pretrained import shipped_models
-from training.stages import is_finished, last_checkpoint
+from training.stages import CHECKPOINTS, is_finished
 
 SHIPPED = Path(__file__).resolve().parent.parent / "training" / "pretrained"
 NAME = "en"
@@ -87,17 +87,17 @@ To train it again (a similar model, not the same weights: the runs above were re
 """
 
 
-def ship(stage: Path, earlier_runs: list[Path], data_dir: Path, results_dir: Path) -> Path:
+def ship(stage: Path, earlier_runs: list[Path], data_dir: Path, results_dir: Path, target: Path = SHIPPED / NAME) -> Path:
     if not is_finished(stage):
         raise SystemExit(f"{stage} holds no finished stage: finish it with `ulmfit pretrain wikipedia_en` first.")
-    checkpoint = last_checkpoint(stage)
-    states = [json.loads(Path(folder, "trainer_state.json").read_text()) for folder in [*earlier_runs, checkpoint]]
+    # The last run's log: its final checkpoint's trainer state.
+    checkpoints = sorted(Path(stage, CHECKPOINTS).glob("checkpoint-*"), key=lambda path: int(path.name.split("-")[1]))
+    states = [json.loads(Path(folder, "trainer_state.json").read_text()) for folder in [*earlier_runs, checkpoints[-1]]]
     history, runs = joined_history(states)
     runs[0]["start"] = "random weights"
     for run in runs[1:]:
         run["start"] = "the weights run before it left"
 
-    target = SHIPPED / NAME
     if target.exists():
         shutil.rmtree(target)
     model = AutoModelForCausalLM.from_pretrained(stage, dtype=torch.float32)
@@ -138,7 +138,7 @@ def ship(stage: Path, earlier_runs: list[Path], data_dir: Path, results_dir: Pat
     record.notes = card_notes(runs, wikitext2, reproduce="ulmfit pretrain wikipedia_en --training max_steps=11200")
     record.save(target)
     write_model_card(target, repo_id=MODEL_NAME)  # `ulmfit push` renders it again for the repository pushed to
-    print(f"Shipped {target} as pretrained:{NAME}; the package now ships {', '.join(shipped_models())}.")
+    print(f"Wrote {target}; the package ships {', '.join(shipped_models())}.")
     return target
 
 

@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import warnings
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -363,3 +364,43 @@ def test_stage1_evaluation_reports_perplexity_per_token_and_per_word(tmp_path):
     assert 0.5 * len(tokenizer) < result["perplexity"] < 2 * len(tokenizer)
     assert result["word_perplexity"] > result["perplexity"]
     assert 0 < result["unknown_rate"] < 0.5
+
+
+def test_ship_stage1_writes_a_bf16_folder_with_its_history_perplexity_and_card(tmp_path):
+    """`experiments.ship_stage1` on a tiny finished stage 1 that continued an earlier run."""
+    from safetensors import safe_open
+
+    from experiments.ship_stage1 import ship
+    from training.cli import main
+
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text("""
+name: tiny
+model: {emb_size: 16, hidden_size: 32, num_layers: 2, bptt: 20, max_len: 60}
+tokenizer: {kind: fastai, max_vocab: 2000, min_freq: 2}
+stages:
+  pretrain:
+    data: {path: "bundled:wikitext2_valid.txt.gz", format: text}
+    max_documents: 300
+    training: {max_steps: 3, per_device_train_batch_size: 8, save_strategy: steps, save_steps: 3, logging_steps: 1}
+""")
+    assert main(["pretrain", str(recipe), "--output-dir", str(tmp_path / "runs")]) == 0
+    stage = tmp_path / "runs" / "pretrain"
+    earlier = tmp_path / "earlier"
+    earlier.mkdir()
+    (earlier / "trainer_state.json").write_text(next((stage / "checkpoints").glob("checkpoint-*/trainer_state.json")).read_text())
+    data = tmp_path / "data" / "wikitext2"
+    data.mkdir(parents=True)
+    for split, name in (("valid", "wiki.valid.tokens"), ("test", "wiki.test.tokens")):
+        with gzip.open(DEMO_DATA / f"wikitext2_{split}.txt.gz", "rt") as f:
+            (data / name).write_text(f.read())
+
+    target = ship(stage, [earlier], tmp_path / "data", tmp_path / "results", target=tmp_path / "en")
+    with safe_open(str(target / "model.safetensors"), framework="pt") as weights:
+        assert {weights.get_slice(name).get_dtype() for name in weights.keys()} == {"BF16"}
+    results = json.loads((tmp_path / "results" / "stage1_wikitext2.json").read_text())
+    assert [run["steps"] for run in results["runs"]] == [3, 3] and results["test"]["perplexity"] > 1
+    card = (target / "README.md").read_text()
+    assert "in\n2 runs" in card or "in 2 runs" in card.replace("\n", " ")
+    assert f"{results['test']['perplexity']:.1f}" in card and "CC BY-SA 3.0" in card
+    assert (target / "training_curves.png").is_file() and (tmp_path / "results" / "stage1_training_curves.png").is_file()
