@@ -419,9 +419,6 @@ class AwdLstmPreTrainedModel(PreTrainedModel):
     def save_pretrained(self, save_directory, *args, **kwargs):
         """Saves weights (safetensors), the config with a full `auto_map`, and this model code beside them, so the
         folder loads with `trust_remote_code=True` where this package is not installed."""
-        if self._auto_class is None:
-            auto_class = next(name for name, path in AUTO_MAP.items() if path.endswith("." + type(self).__name__))
-            type(self).register_for_auto_class(auto_class)
         self.config.auto_map = dict(AUTO_MAP)
         return super().save_pretrained(save_directory, *args, **kwargs)
 
@@ -829,6 +826,11 @@ class AwdLstmForSequenceClassification(AwdLstmPreTrainedModel):
             return ((loss,) + output) if loss is not None else output
         return SequenceClassifierOutput(loss=loss, logits=logits, hidden_states=hidden_states)
 
+
+# Saved models name this file in `auto_map` and get a copy of it, so that they load without this package.
+AwdLstmModel.register_for_auto_class("AutoModel")
+AwdLstmForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+AwdLstmForSequenceClassification.register_for_auto_class("AutoModelForSequenceClassification")
 
 __all__ = [
     "AUTO_MAP",

@@ -125,4 +125,7 @@ class AwdLstmConfig(PreTrainedConfig):
         return values
 
 
+# Each file the Hub receives registers its own classes for `auto_map` (the tokenizer and model files likewise).
+AwdLstmConfig.register_for_auto_class()
+
 __all__ = ["AwdLstmConfig", "LM_DROPOUTS", "CLASSIFIER_DROPOUTS"]
