@@ -212,12 +212,10 @@ def command_run(args: argparse.Namespace) -> int:
             )
     else:
         stages, parent = [STAGE_COMMANDS[args.command]], args.parent
-    unknown = [s for s in stages if s not in recipe.stages]
-    if unknown:
-        raise RecipeError(f"Stage {unknown[0]!r} is not in recipe {recipe.name!r} (it has {', '.join(recipe.stages)}).")
+    _check_stages(recipe, stages)
     from .stages import run_stage, summarize
 
-    output_dir = Path(args.output_dir or recipe.output_dir or f"runs/{recipe.name}")
+    output_dir = _output_dir(args, recipe)
     overrides = _training_overrides(args.training)
     results = []
     for stage in stages:
@@ -230,13 +228,22 @@ def command_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_stages(recipe: Recipe, stages: list[str]) -> None:
+    unknown = [stage for stage in stages if stage not in recipe.stages]
+    if unknown:
+        raise RecipeError(f"Stage {unknown[0]!r} is not in recipe {recipe.name!r} (it has {', '.join(recipe.stages)}).")
+
+
+def _output_dir(args: argparse.Namespace, recipe: Recipe) -> Path:
+    return Path(args.output_dir or recipe.output_dir or f"runs/{recipe.name}")
+
+
 def command_lr_find(args: argparse.Namespace) -> int:
     recipe = _load(args)
-    if args.stage not in recipe.stages:
-        raise RecipeError(f"Stage {args.stage!r} is not in recipe {recipe.name!r} (it has {', '.join(recipe.stages)}).")
+    _check_stages(recipe, [args.stage])
     from .stages import find_stage_learning_rate
 
-    output_dir = Path(args.output_dir or recipe.output_dir or f"runs/{recipe.name}")
+    output_dir = _output_dir(args, recipe)
     test, plot = find_stage_learning_rate(
         recipe, args.stage, output_dir, parent=args.parent, training_overrides=_training_overrides(args.training),
         start_lr=args.start_lr, end_lr=args.end_lr, num_steps=args.num_steps,

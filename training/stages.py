@@ -194,6 +194,14 @@ def resolve_parent(recipe: Recipe, stage: StageSpec, output_dir: Path, parent_ov
     return parent
 
 
+def _stage_parent(recipe: Recipe, stage_name: str, output_dir: Path, parent: str | None) -> str | None:
+    """`resolve_parent` for a stage about to be built: every stage but `pretrain` needs one."""
+    parent_path = resolve_parent(recipe, recipe.stages[stage_name], output_dir, parent)
+    if stage_name != "pretrain" and parent_path is None:
+        raise ValueError(f"Stage {stage_name!r} needs a parent: set `stages.{stage_name}.parent` or pass --parent.")
+    return parent_path
+
+
 def check_model_folder(model: str, alternatives: str = "") -> bool:
     """Whether `model` is a local model folder, checked to be complete; a local path that holds no model, or a
     damaged one, fails here with its name rather than later as a Hub lookup or a traceback."""
@@ -336,9 +344,7 @@ def run_stage(
     if is_finished(folder) and not overwrite:
         return reused_result(stage_name, folder)
     reuse_freed_memory()
-    parent_path = resolve_parent(recipe, spec, output_dir, parent)
-    if stage_name != "pretrain" and parent_path is None:
-        raise ValueError(f"Stage {stage_name!r} needs a parent: set `stages.{stage_name}.parent` or pass --parent.")
+    parent_path = _stage_parent(recipe, stage_name, output_dir, parent)
     started = time.time()
     is_classifier = stage_name == "classifier"
     overrides = training_overrides or {}
@@ -480,9 +486,7 @@ def find_stage_learning_rate(
     and its plot, `output_dir/<stage>-lr_find.png`. `range_test` goes to `find_learning_rate`."""
     spec = recipe.stages[stage_name]
     output_dir = Path(output_dir)
-    parent_path = resolve_parent(recipe, spec, output_dir, parent)
-    if stage_name != "pretrain" and parent_path is None:
-        raise ValueError(f"Stage {stage_name!r} needs a parent: set `stages.{stage_name}.parent` or pass --parent.")
+    parent_path = _stage_parent(recipe, stage_name, output_dir, parent)
     with tempfile.TemporaryDirectory() as scratch:  # the stage's own folder stays as it is
         args = _training_arguments(recipe, spec, Path(scratch), training_overrides or {}, parent_path is None)
         trainer = _build_stage(recipe, stage_name, parent_path, args).trainer
