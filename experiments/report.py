@@ -233,7 +233,7 @@ def _runs_section(records: list[dict]) -> list[str]:
     lines = ["## Every run", "", "| experiment | run | seed | test accuracy | stage 2 (s, shared) | stage 3 (s) "
              "| stage 3 tokens/s | finished |", "|---|---|---|---|---|---|---|---|"]
     for r in records:
-        stage2 = f"{r['stage2']['seconds']:.0f}" if "stage2" in r else "–"
+        stage2 = f"{r['stage2']['seconds']:.0f}" if r.get("stage2", {}).get("seconds") is not None else "–"
         stage3 = r.get("stage3") or r.get("baseline") or {}
         seconds = f"{stage3['seconds']:.0f}" if "seconds" in stage3 else "–"
         rate = f"{stage3['tokens_per_second']:.0f}" if "tokens_per_second" in stage3 else "–"

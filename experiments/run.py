@@ -189,6 +189,10 @@ def build_parser() -> argparse.ArgumentParser:
                          help=f"comma-separated subset of {', '.join(LOWSHOT_METHODS)} (default: all)")
     lowshot.add_argument("--scratch-lr", type=float, default=LOWSHOT_SCRATCH_LR,
                          help="the from-scratch classifier's peak rate (default %(default)g)")
+    lowshot.add_argument("--stage2", type=Path, default=None,
+                         help="a stage-2 LM folder made by `ulmfit finetune-lm` (e.g. from "
+                              "experiments/recipes/imdb_lm.yaml): every classifier starts from it (the from-scratch "
+                              "one takes its shape and vocabulary) instead of a stage 2 trained here")
     ablations = commands.add_parser("ablations", parents=[common], help="variants of the recipe (ours)")
     ablations.add_argument("--task", choices=TASKS, required=True)
     ablations.add_argument("--variants", type=_names_from(ABLATIONS, "variants"), default=list(ABLATIONS),
@@ -328,13 +332,30 @@ def _shared(stage2: dict) -> dict:
     return {**stage2, "shared_across_seeds": True}
 
 
+def ulmfit_stage2(folder: Path) -> tuple[Path, dict]:
+    """A stage-2 LM trained by `ulmfit finetune-lm`, with the fields of a stage-2 record its stage record holds (its
+    time is in that run's own log: the stage record keeps no wall time across resumed runs)."""
+    from training.hub import StageRecord
+
+    _model_identity(folder)
+    stage = StageRecord.load(folder)
+    if stage.stage != "finetune_lm":
+        raise ValueError(f"{folder} is a {stage.stage} stage; --stage2 takes a finetune_lm stage folder.")
+    perplexity = stage.metrics.get("eval_perplexity")
+    return folder, {"kind": "ulmfit finetune-lm", "folder": str(folder), "parent": stage.parent,
+                    "recipe": stage.recipe, "valid_perplexity": perplexity, "valid_perplexity_own": perplexity,
+                    "eval_split": stage.eval_split, "seconds": None, "training": stage.hyperparameters,
+                    "data": stage.data}
+
+
 def summary_line(record: dict) -> str:
     parts = [record["experiment"], record["name"], f"seed {record['seed']}",
              f"test accuracy {record['test_accuracy']:.4f} (error {100 * record['test_error']:.2f}%, "
              f"n={record['n_test']})"]
     if "stage2" in record:
         stage2 = record["stage2"]
-        parts.append(f"stage 2 (shared) ppl {stage2['valid_perplexity']:.1f}, {stage2['seconds']:.0f} s")
+        seconds = "" if stage2["seconds"] is None else f", {stage2['seconds']:.0f} s"
+        parts.append(f"stage 2 (shared) ppl {stage2['valid_perplexity']:.1f}{seconds}")
     if "stage3" in record:
         stage3 = record["stage3"]
         parts.append(f"stage 3 {stage3['seconds']:.0f} s, {stage3['tokens_per_second']:.0f} tokens/s")
@@ -387,6 +408,10 @@ def command_lowshot(args: argparse.Namespace) -> int:
     min_steps = LOWSHOT_MIN_STEPS[args.quick] if args.min_steps is None else args.min_steps
     tqdm.write(f"lowshot: IMDb with {counts} labels, {len(experiment.test[0])} test reviews, seeds {args.seeds}; "
                "each seed draws its own balanced labels. ULMFiT starts from the IMDb stage-2 LM of `compare`.")
+    given_stage2 = ulmfit_stage2(args.stage2) if args.stage2 else None
+    if given_stage2 and "no_stage1_scratch_schedule" in args.methods:
+        raise ValueError("no_stage1_scratch_schedule trains its own stage 2 from random weights: leave it out of "
+                         "--methods with --stage2.")
     plan = [(n, seed, method) for n in counts for seed in args.seeds for method in args.methods]
     for n, seed, method in tqdm(plan, desc="lowshot", unit="run"):
         how = LOWSHOT_RECIPES.get(method)
@@ -398,10 +423,10 @@ def command_lowshot(args: argparse.Namespace) -> int:
             if how is None:
                 baseline = tfidf_logreg(labelled, experiment.test, seed)
                 return {"test_accuracy": baseline["test_accuracy"], "baseline": baseline}
-            folder, stage2_record = experiment.stage2(how.stage2)
-            stage3 = train_classifier(folder, labelled, experiment.test, data.label_names, run_settings, seed,
-                                      folder.parent / f"lowshot_{method}_n{n}_seed{seed}", random_init=how.random_init,
-                                      recipe=how.recipe)
+            folder, stage2_record = given_stage2 or experiment.stage2(how.stage2)
+            work = (experiment.task_dir if given_stage2 else folder.parent) / f"lowshot_{method}_n{n}_seed{seed}"
+            stage3 = train_classifier(folder, labelled, experiment.test, data.label_names, run_settings, seed, work,
+                                      random_init=how.random_init, recipe=how.recipe)
             record = {"test_accuracy": stage3["test_accuracy"], "stage3": stage3}
             if not how.random_init:
                 record["stage2"] = _shared(stage2_record)

@@ -185,6 +185,43 @@ def test_lowshot_runs_ulmfit_scratch_and_tfidf(lowshot):
     assert "stage2" not in scratch
 
 
+def test_lowshot_starts_its_classifiers_from_a_stage2_of_ulmfit_finetune_lm(env, tmp_path, capsys):
+    """`lowshot --stage2`: the classifiers start from a stage 2 that `ulmfit finetune-lm` trained (and can resume),
+    the from-scratch one from its shape and vocabulary; a method that needs its own stage 2 is refused."""
+    from training.cli import main as ulmfit
+    from training.hub import StageRecord
+
+    recipe = tmp_path / "imdb_lm.yaml"
+    recipe.write_text(f"""
+name: tiny-imdb-lm
+stages:
+  finetune_lm:
+    parent: {env.stage1}
+    data: {{path: "{env.data}/imdb/[tu][rn]*.jsonl.gz", format: json, label_column: null}}
+    max_documents: 200
+    drop_mult: 0.3
+    tokenizer: {{kind: fastai, max_vocab: 3000, min_freq: 2, rebuild: true}}
+    training: {{max_steps: 3, per_device_train_batch_size: 8}}
+""")
+    assert ulmfit(["finetune-lm", str(recipe), "--output-dir", str(tmp_path / "runs")]) == 0
+    stage2 = tmp_path / "runs" / "finetune_lm"
+    results = tmp_path / "results"
+    options = ("--quick", "--threads", "1", "--data-dir", str(env.data), "--work-dir", str(env.work),
+               "--results-dir", str(results), "--stage2", str(stage2), "--label-counts", "10", "--seeds", "0",
+               "--precision", "fp32")
+    assert main(["lowshot", *options, "--methods", "ulmfit,scratch,tfidf"]) == 0
+
+    ulmfit_run = json.loads((results / "lowshot" / "ulmfit_n10_seed0.json").read_text())
+    assert ulmfit_run["stage2"]["folder"] == str(stage2) and ulmfit_run["stage2"]["seconds"] is None
+    assert ulmfit_run["stage2"]["valid_perplexity"] == StageRecord.load(stage2).metrics["eval_perplexity"]
+    assert ulmfit_run["stage2"]["parent"] == str(env.stage1)
+    scratch = json.loads((results / "lowshot" / "scratch_n10_seed0.json").read_text())
+    assert scratch["stage3"]["random_init"] and "stage2" not in scratch
+    assert (results / "lowshot" / "tfidf_n10_seed0.json").is_file()
+    assert main(["lowshot", *options, "--methods", "ulmfit,no_stage1_scratch_schedule"]) != 0
+    assert "no_stage1_scratch_schedule trains its own stage 2 from random weights" in capsys.readouterr().err
+
+
 def test_ablations_run_every_variant_with_a_backward_stage1(ablations):
     records = {variant: _result(ablations, "ablations_trec6", variant, 0) for variant in ABLATIONS}
     assert records["full"]["reused_from"].endswith("compare_trec6/ours_seed0.json")
