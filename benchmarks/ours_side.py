@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from modeling_awd_lstm import AwdLstmConfig, AwdLstmForCausalLM, AwdLstmForSequenceClassification
-from training.convert_fastai import convert_fastai_state_dict
+from ulmfit.convert_fastai import convert_fastai_state_dict
 
 from .data import Prepared, lm_batches, sorted_batches
 from .measure import BatchClock, Stopwatch, autocast, nll_to_ppl

@@ -3,7 +3,7 @@
     data_dir/trec/train_5500.label, TREC_10.label            TREC-6 (Latin-1; the coarse label is the text before ':')
     data_dir/imdb/{train,test,unsup}.jsonl.gz                IMDb ({"id", "text", "label", "rating"}; -1: unlabelled)
 
-Files are read by `training.data.load_data`. Every random pick is seeded, so a task's documents depend only on its
+Files are read by `ulmfit.data.load_data`. Every random pick is seeded, so a task's documents depend only on its
 settings.
 """
 
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from training.data import DataSpec, load_data
+from ulmfit.data import DataSpec, load_data
 
 from .settings import TaskSettings
 

@@ -37,9 +37,9 @@ from fastai.text.all import (
 
 from benchmarks.fastai_side import CpuBf16Autocast
 from modeling_awd_lstm import AwdLstmConfig, AwdLstmTokenizer
-from training.convert_fastai import fastai_learner_to_transformers, save_fastai_pretrained
-from training.optim import discriminative_learning_rates
-from training.schedules import slanted_triangular
+from ulmfit.convert_fastai import fastai_learner_to_transformers, save_fastai_pretrained
+from ulmfit.optim import discriminative_learning_rates
+from ulmfit.schedules import slanted_triangular
 
 from .ours import LOGGING_STEPS, evaluate_lm, lm_corpus
 from .settings import TEXT_LEARNER_MOMS, TaskSettings

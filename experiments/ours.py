@@ -1,5 +1,5 @@
 """This package's side of the experiments: stages 2 and 3 with `ULMFiTTrainer` and the package's data pieces, and a
-backward stage 1 with `training.stages.run_stage`.
+backward stage 1 with `ulmfit.stages.run_stage`.
 
 Text read backwards (`config.backwards`): language models train on reversed documents (`tokenize_for_lm(backwards=
 True)`, xxbos last, as fastai's `backwards=True`); a backward classifier reverses each document itself.
@@ -15,13 +15,13 @@ import torch
 from transformers import set_seed
 
 from modeling_awd_lstm import AwdLstmConfig, AwdLstmForCausalLM, AwdLstmForSequenceClassification, AwdLstmTokenizer
-from training.convert_fastai import transfer_vocab
-from training import stages
-from training.data import TokenizedCorpus, encode_labels, tokenize_for_classification, tokenize_for_lm
-from training.hub import STAGE_FILE, StageRecord
-from training.recipes import Recipe, load_recipe
-from training.tokenizer_training import train_fastai_tokenizer
-from training.trainer import ULMFiTTrainer, ULMFiTTrainingArguments
+from ulmfit.convert_fastai import transfer_vocab
+from ulmfit import stages
+from ulmfit.data import TokenizedCorpus, encode_labels, tokenize_for_classification, tokenize_for_lm
+from ulmfit.hub import STAGE_FILE, StageRecord
+from ulmfit.recipes import Recipe, load_recipe
+from ulmfit.tokenizer_training import train_fastai_tokenizer
+from ulmfit.trainer import ULMFiTTrainer, ULMFiTTrainingArguments
 
 from .settings import TaskSettings
 

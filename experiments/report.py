@@ -27,7 +27,7 @@ LOWSHOT_NAMES = {"ulmfit": "ULMFiT (ours)", "ulmfit_lm_one_rate": "ULMFiT, stage
 ONE_CLASS_SHARE = 0.99
 SAME_AND_DIFFERENT = """\
 Both implementations start from the same stage-1 weights (exported to fastai with
-`training.convert_fastai.save_fastai_pretrained`) and read the same documents with the same tokens: fastai
+`ulmfit.convert_fastai.save_fastai_pretrained`) and read the same documents with the same tokens: fastai
 builds its stage-2 vocabulary with its own pipeline and the harness asserts that it equals ours, and that the first
 documents get the same ids on both sides. Both run the same epochs, rates, batch sizes, dropouts (`drop_mult`), BPTT
 and `max_len`, and the same precision.

@@ -335,7 +335,7 @@ def _shared(stage2: dict) -> dict:
 def ulmfit_stage2(folder: Path) -> tuple[Path, dict]:
     """A stage-2 LM trained by `ulmfit finetune-lm`, with the fields of a stage-2 record its stage record holds (its
     time is in that run's own log: the stage record keeps no wall time across resumed runs)."""
-    from training.hub import StageRecord
+    from ulmfit.hub import StageRecord
 
     _model_identity(folder)
     stage = StageRecord.load(folder)
@@ -399,7 +399,7 @@ def command_compare(args: argparse.Namespace) -> int:
 
 
 def command_lowshot(args: argparse.Namespace) -> int:
-    from training.baselines import tfidf_logreg
+    from ulmfit.baselines import tfidf_logreg
     from .ours import train_classifier
 
     experiment = Experiment(args, "imdb")

@@ -20,10 +20,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from benchmarks.report import machine_info
 from experiments.stage1_evaluate import SPLITS, evaluate_wikitext2
-from training.hub import CURVES_FILE, MODEL_CODE_FILES, StageRecord, write_model_card
-from training.plots import plot_training_curves
-from training.pretrained import shipped_models
-from training.stages import CHECKPOINTS, is_finished
+from ulmfit.hub import CURVES_FILE, MODEL_CODE_FILES, StageRecord, write_model_card
+from ulmfit.plots import plot_training_curves
+from ulmfit.pretrained import shipped_models
+from ulmfit.stages import CHECKPOINTS, is_finished
 
 SHIPPED = Path(__file__).resolve().parent.parent / "training" / "pretrained"
 NAME = "en"
@@ -79,7 +79,7 @@ this model's vocabulary; per WikiText word, which other vocabularies can be comp
 
 In this package it is `pretrained:{NAME}`: a recipe's `parent`, `ulmfit finetune-lm --parent pretrained:{NAME}`, or
 `AutoModelForCausalLM.from_pretrained(shipped_model_folder("pretrained:{NAME}"))` with `shipped_model_folder` from
-`training.pretrained`. The weights are stored in bf16; stages load them in fp32 to fine-tune.
+`ulmfit.pretrained`. The weights are stored in bf16; stages load them in fp32 to fine-tune.
 
 To train it again (a similar model, not the same weights: the runs above were resumed across machines):
 

@@ -19,8 +19,8 @@ import time
 from pathlib import Path
 
 from benchmarks.report import machine_info, versions
-from training.recipes import load_recipe
-from training.stages import run_stage
+from ulmfit.recipes import load_recipe
+from ulmfit.stages import run_stage
 from transformers import AutoTokenizer
 
 RECIPE = "wikipedia_en"

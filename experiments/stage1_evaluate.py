@@ -21,8 +21,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from modeling_awd_lstm import cpu_has_bf16_kernels
-from training.data import DataSpec, TokenizedCorpus, load_data, tokenize_for_lm
-from training.trainer import ULMFiTTrainer, ULMFiTTrainingArguments
+from ulmfit.data import DataSpec, TokenizedCorpus, load_data, tokenize_for_lm
+from ulmfit.trainer import ULMFiTTrainer, ULMFiTTrainingArguments
 
 SPLITS = {"validation": "wikitext2/wiki.valid.tokens", "test": "wikitext2/wiki.test.tokens"}
 EVAL_BATCH_SIZE = 128

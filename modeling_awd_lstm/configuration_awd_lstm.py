@@ -35,7 +35,7 @@ class AwdLstmConfig(PreTrainedConfig):
         bptt (`int`): BPT3C chunk length: the classifier reads a document `bptt` tokens at a time.
         max_len (`int`): the classifier pools over (about) the last `max_len` tokens of a document.
         backwards (`bool`): the model reads text reversed (for forward + backward ensembles). Its language model is
-            trained on reversed documents (`training.data.tokenize_for_lm(backwards=True)`, the recipes do it);
+            trained on reversed documents (`ulmfit.data.tokenize_for_lm(backwards=True)`, the recipes do it);
             the classifier reverses each document itself, so it takes text in reading order.
     """
 

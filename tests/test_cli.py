@@ -10,8 +10,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, pipeline
 
-from training.cli import main
-from training.stages import last_checkpoint
+from ulmfit.cli import main
+from ulmfit.stages import last_checkpoint
 
 # The demo recipe shrunk to CI time, with its own stage 1 instead of the shipped model: a small model, stage 1 on part
 # of WikiText-2, and (through overrides) stages 2-3 on TREC-6 questions, whose classifier shows learning within
@@ -117,7 +117,7 @@ def test_accelerate_launch_runs_two_processes(demo_run, tmp_path):
     command = [
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-        "-m", "training", "train-classifier", "demo", "--output-dir", str(tmp_path),
+        "-m", "ulmfit", "train-classifier", "demo", "--output-dir", str(tmp_path),
         "--parent", str(demo_run / "finetune_lm"), *SMALL, "--training", "max_steps=3",
     ]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
@@ -134,7 +134,7 @@ def test_a_command_that_succeeded_in_a_process_group_ends_the_process_itself(tmp
     program = f"""
 import atexit, sys
 import torch.distributed as dist
-from training.cli import main
+from ulmfit.cli import main
 dist.init_process_group("gloo", init_method="file://{tmp_path / 'store'}", rank=0, world_size=1)
 atexit.register(lambda: open({str(tmp_path / 'exit-handler-ran')!r}, "w").close())
 assert main(["finetune-lm", "demo", "--set", "stages.finetune_lm.parent=pretrain",

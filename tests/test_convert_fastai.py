@@ -14,7 +14,7 @@ import torch
 from conftest import read_imdb
 
 from modeling_awd_lstm import AwdLstmConfig, AwdLstmForCausalLM, AwdLstmForSequenceClassification
-from training.convert_fastai import (
+from ulmfit.convert_fastai import (
     FastaiConversionError,
     convert_fastai,
     convert_fastai_state_dict,
@@ -25,7 +25,7 @@ from training.convert_fastai import (
     transfer_vocab,
 )
 from modeling_awd_lstm.tokenization_awd_lstm import AwdLstmTokenizer
-from training.convert import add_convert_fastai_arguments, run_convert_fastai
+from ulmfit.convert import add_convert_fastai_arguments, run_convert_fastai
 
 # Small enough to train in seconds; three layers so that the middle layer's sizes are checked too.
 FASTAI_CONFIG = dict(emb_sz=16, n_hid=24, n_layers=3)

@@ -9,14 +9,14 @@ import torch
 from conftest import read_imdb
 
 from modeling_awd_lstm import AwdLstmConfig, AwdLstmForCausalLM, AwdLstmForSequenceClassification
-from training.convert_fastai import (
+from ulmfit.convert_fastai import (
     FastaiConversionError,
     convert_fastai_state_dict,
     save_fastai_pretrained,
     to_fastai_state_dict,
     transfer_vocab,
 )
-from training.tokenizer_training import train_fastai_tokenizer
+from ulmfit.tokenizer_training import train_fastai_tokenizer
 
 SIZES = dict(emb_size=16, hidden_size=24, num_layers=3)
 FASTAI_SIZES = dict(emb_sz=16, n_hid=24, n_layers=3)

@@ -13,7 +13,7 @@ from transformers import PreTrainedTokenizerFast
 
 from modeling_awd_lstm.tokenization_awd_lstm import AwdLstmTokenizer
 
-from training.data import (
+from ulmfit.data import (
     ClassificationCollator,
     DataSpec,
     DataValidationError,
@@ -308,7 +308,7 @@ def test_a_backward_language_model_reads_each_document_reversed(wikitext_lines, 
 
 def test_a_reloaded_tokenizer_finds_the_cached_tokens(tmp_path, wikitext_lines):
     """A resumed stage reloads its tokenizer from a checkpoint: its tokens must come from the cache, not be redone."""
-    from training.tokenizer_training import train_fastai_tokenizer
+    from ulmfit.tokenizer_training import train_fastai_tokenizer
 
     dataset = datasets.Dataset.from_dict({"text": wikitext_lines[:50]})
     built = train_fastai_tokenizer(dataset, min_freq=1, show_progress=False)
@@ -323,7 +323,7 @@ def test_a_reloaded_tokenizer_finds_the_cached_tokens(tmp_path, wikitext_lines):
 
 
 def test_tokenizing_in_several_processes_gives_the_same_ids(wikitext_lines):
-    from training.tokenizer_training import train_fastai_tokenizer
+    from ulmfit.tokenizer_training import train_fastai_tokenizer
 
     dataset = datasets.Dataset.from_dict({"text": wikitext_lines[:60]})
     words = train_fastai_tokenizer(dataset, min_freq=1, show_progress=False)

@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 
 from modeling_awd_lstm import AwdLstmConfig
-from training.cli import main
-from training.ensemble import check_ensemble
+from ulmfit.cli import main
+from ulmfit.ensemble import check_ensemble
 
 RECIPE = """
 name: tiny

@@ -10,8 +10,8 @@ import torch
 
 from hub_server import hub_server  # noqa: F401
 from modeling_awd_lstm import AwdLstmConfig, AwdLstmForCausalLM
-from training import cli
-from training.cli import main
+from ulmfit import cli
+from ulmfit.cli import main
 
 PRETRAIN_ONLY = """
 name: tiny
@@ -77,7 +77,7 @@ def test_a_parent_that_is_no_folder_and_no_reachable_hub_model_is_named(hub_serv
         env["HF_HUB_OFFLINE"] = "1"
     for command in (["generate", "someone/no-such-model", "The movie"],
                     ["finetune-lm", "demo", "--parent", "someone/no-such-model", "--output-dir", str(tmp_path)]):
-        result = subprocess.run([sys.executable, "-m", "training", *command], env=env, capture_output=True, text=True)
+        result = subprocess.run([sys.executable, "-m", "ulmfit", *command], env=env, capture_output=True, text=True)
         assert result.returncode == 2 and "Traceback" not in result.stderr
         assert message in result.stderr.strip().splitlines()[-1]
     assert not (tmp_path / "finetune_lm").exists()
@@ -114,7 +114,7 @@ def test_debug_shows_the_traceback(capsys):
 
 MEASURE_RSS = """
 import sys, torch
-from training.stages import reuse_freed_memory
+from ulmfit.stages import reuse_freed_memory
 if sys.argv[1] == "reuse":
     reuse_freed_memory()
 block = torch.ones(50_000_000)  # 200 MB, far above glibc's default mmap threshold

@@ -19,7 +19,7 @@ from torch import nn
 
 from experiments.run import ABLATIONS, LOWSHOT_METHODS, main
 from modeling_awd_lstm import AwdLstmConfig, AwdLstmForCausalLM, cpu_has_bf16_kernels
-from training.tokenizer_training import train_fastai_tokenizer
+from ulmfit.tokenizer_training import train_fastai_tokenizer
 
 # bf16 runs where the CPU has the kernels; elsewhere oneDNN has no bf16 LSTM, and fastai's side cannot run in it.
 FAST_PRECISION = "bf16" if cpu_has_bf16_kernels() else "fp32"
@@ -188,8 +188,8 @@ def test_lowshot_runs_ulmfit_scratch_and_tfidf(lowshot):
 def test_lowshot_starts_its_classifiers_from_a_stage2_of_ulmfit_finetune_lm(env, tmp_path, capsys):
     """`lowshot --stage2`: the classifiers start from a stage 2 that `ulmfit finetune-lm` trained (and can resume),
     the from-scratch one from its shape and vocabulary; a method that needs its own stage 2 is refused."""
-    from training.cli import main as ulmfit
-    from training.hub import StageRecord
+    from ulmfit.cli import main as ulmfit
+    from ulmfit.hub import StageRecord
 
     recipe = tmp_path / "imdb_lm.yaml"
     recipe.write_text(f"""
@@ -340,8 +340,8 @@ def test_fastai_stage3_schedule_is_our_trainers_group_by_group():
     from fastai.test_utils import synth_dbunch
 
     from experiments.fastai_side import GradualUnfreezing, stlr_scheduler
-    from training.schedules import get_stlr_schedule
-    from training.unfreezing import GradualUnfreezingCallback
+    from ulmfit.schedules import get_stlr_schedule
+    from ulmfit.unfreezing import GradualUnfreezingCallback
 
     num_groups, epochs, batches, lr = 4, 3, 7, 1e-2
     total = epochs * batches
@@ -408,7 +408,7 @@ def test_ship_stage1_writes_a_bf16_folder_with_its_history_perplexity_and_card(t
     from safetensors import safe_open
 
     from experiments.ship_stage1 import ship
-    from training.cli import main
+    from ulmfit.cli import main
 
     recipe = tmp_path / "tiny.yaml"
     recipe.write_text("""

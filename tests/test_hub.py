@@ -22,7 +22,7 @@ from conftest import python_without_package
 from hub_server import TOKEN, USER, HubServer, hub_server  # noqa: F401
 from modeling_awd_lstm import AwdLstmForCausalLM, AwdLstmForSequenceClassification
 from test_modeling import tiny_config, word_level_tokenizer
-from training.hub import CURVES_FILE, STAGE_FILE, StageRecord, write_model_card
+from ulmfit.hub import CURVES_FILE, STAGE_FILE, StageRecord, write_model_card
 
 ROOT = Path(__file__).resolve().parent.parent
 KiB = 2**10
@@ -122,7 +122,7 @@ def push(server: HubServer, home: Path, pushes: list[dict], **env_options) -> li
     """Run `push_stage(**kwargs)` for each of `pushes` in one process; each gives {"url"} or {"error", "on_disk"}."""
     code = f"""
 import json, os
-from training.hub import HubPushError, push_stage
+from ulmfit.hub import HubPushError, push_stage
 outcomes = []
 for kwargs in {pushes!r}:
     try:
@@ -176,7 +176,7 @@ def test_three_stages_pushed_and_loaded_back_without_the_package(hub_server, sta
     output = tmp_path / "from_hub.pt"
     loaded = run_python(f"""
 import importlib.util, json, torch
-assert importlib.util.find_spec("modeling_awd_lstm") is None and importlib.util.find_spec("training") is None
+assert importlib.util.find_spec("modeling_awd_lstm") is None and importlib.util.find_spec("ulmfit") is None
 from huggingface_hub import ModelCard
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, pipeline
 ids, logits, cards = torch.tensor({IDS}), {{}}, {{}}

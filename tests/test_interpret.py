@@ -8,9 +8,9 @@ import torch
 from conftest import read_imdb
 
 from modeling_awd_lstm import AwdLstmConfig, AwdLstmForSequenceClassification
-from training.cli import main
-from training.interpret import Explanation, explain, explanations_html
-from training.tokenizer_training import train_fastai_tokenizer
+from ulmfit.cli import main
+from ulmfit.interpret import Explanation, explain, explanations_html
+from ulmfit.tokenizer_training import train_fastai_tokenizer
 
 BPTT, MAX_LEN = 8, 16
 

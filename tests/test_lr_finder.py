@@ -9,11 +9,11 @@ import torch
 from conftest import read_imdb
 
 from modeling_awd_lstm import AwdLstmConfig, AwdLstmForCausalLM
-from training.convert_fastai import to_fastai_state_dict
-from training.data import LanguageModelingStream, TokenizedCorpus
-from training.lr_finder import RangeTest, exponential_rates, find_learning_rate, minimum, smooth, valley
-from training.tokenizer_training import train_fastai_tokenizer
-from training.trainer import ULMFiTTrainer, ULMFiTTrainingArguments
+from ulmfit.convert_fastai import to_fastai_state_dict
+from ulmfit.data import LanguageModelingStream, TokenizedCorpus
+from ulmfit.lr_finder import RangeTest, exponential_rates, find_learning_rate, minimum, smooth, valley
+from ulmfit.tokenizer_training import train_fastai_tokenizer
+from ulmfit.trainer import ULMFiTTrainer, ULMFiTTrainingArguments
 
 BATCH, BPTT, STEPS = 8, 20, 40
 SIZES = dict(emb_size=16, hidden_size=24, num_layers=3)
@@ -165,7 +165,7 @@ def tiny_recipe(tmp_path, rate: str) -> str:
 
 
 def test_ulmfit_lr_find_suggests_rates_and_writes_the_plot_without_training_the_stage(tmp_path, capsys):
-    from training.cli import main
+    from ulmfit.cli import main
 
     output = tmp_path / "runs"
     assert main(["lr-find", tiny_recipe(tmp_path, "0.01"), "--stage", "pretrain", "--num-steps", "30",
@@ -179,8 +179,8 @@ def test_ulmfit_lr_find_suggests_rates_and_writes_the_plot_without_training_the_
 def test_learning_rate_find_trains_at_the_valley_and_says_so_in_the_card(tmp_path):
     import json
 
-    from training.cli import main
-    from training.recipes import load_recipe
+    from ulmfit.cli import main
+    from ulmfit.recipes import load_recipe
 
     recipe = tiny_recipe(tmp_path, "find")
     assert main(["validate", recipe]) == 0

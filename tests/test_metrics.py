@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from transformers import EvalPrediction
 
-from training.metrics import METRICS_DIR, classification_compute_metrics, load_metric
+from ulmfit.metrics import METRICS_DIR, classification_compute_metrics, load_metric
 
 
 REFERENCES = [0, 0, 1, 1, 2, 2]

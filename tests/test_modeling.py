@@ -23,7 +23,7 @@ from modeling_awd_lstm import (
     AwdLstmModel,
 )
 from conftest import python_without_package
-from training.convert_fastai import convert_fastai_state_dict
+from ulmfit.convert_fastai import convert_fastai_state_dict
 from modeling_awd_lstm.modeling_awd_lstm import TRANSPOSED_WEIGHTS_KEY
 
 TINY = dict(emb_size=16, hidden_size=24, num_layers=3)

@@ -9,16 +9,16 @@ from torch import nn
 from transformers import HfArgumentParser, Trainer, TrainingArguments
 
 from modeling_awd_lstm import AwdLstmConfig, AwdLstmForCausalLM, AwdLstmForSequenceClassification
-from training.optim import (
+from ulmfit.optim import (
     ULMFiTOptimizerFactory,
     create_optimizer,
     discriminative_learning_rates,
     layer_groups,
     no_decay_parameter_ids,
 )
-from training.schedules import get_fine_tune_schedule, get_one_cycle_schedule, get_stlr_schedule, slanted_triangular
-from training.trainer import ULMFiTTrainingArguments
-from training.unfreezing import set_trainable_groups
+from ulmfit.schedules import get_fine_tune_schedule, get_one_cycle_schedule, get_stlr_schedule, slanted_triangular
+from ulmfit.trainer import ULMFiTTrainingArguments
+from ulmfit.unfreezing import set_trainable_groups
 
 TINY = dict(vocab_size=60, emb_size=16, hidden_size=24, num_layers=3)
 

@@ -13,9 +13,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
 
 from hub_server import USER, hub_server  # noqa: F401
 from test_hub import pusher_env, run_python
-from training.cli import main
-from training.hub import MODEL_CODE_FILES, STAGE_FILE
-from training.pretrained import shipped_model_folder, shipped_models
+from ulmfit.cli import main
+from ulmfit.hub import MODEL_CODE_FILES, STAGE_FILE
+from ulmfit.pretrained import shipped_model_folder, shipped_models
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = shipped_model_folder("pretrained:en")
@@ -92,7 +92,7 @@ def test_ulmfit_push_uploads_the_shipped_model_and_leaves_the_package_as_shipped
     repo = f"{USER}/ulmfit-en-wikipedia-lm"
     code = f"""
 import json
-from training.cli import main
+from ulmfit.cli import main
 print(json.dumps(main(["push", "pretrained:en", {repo!r}])))
 """
     assert run_python(code, pusher_env(hub_server, tmp_path / "pusher")) == 0

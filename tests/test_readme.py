@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from training.cli import STAGE_COMMANDS, build_parser
-from training.recipes import load_recipe
+from ulmfit.cli import STAGE_COMMANDS, build_parser
+from ulmfit.recipes import load_recipe
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
@@ -26,13 +26,13 @@ def readme_commands() -> list[str]:
 
 
 def ulmfit_invocations() -> list[list[str]]:
-    """The `ulmfit` arguments of every README command, including `accelerate launch ... -m training ...`."""
+    """The `ulmfit` arguments of every README command, including `accelerate launch ... -m ulmfit ...`."""
     found = []
     for command in readme_commands():
         words = shlex.split(command)
         if words[0] == "ulmfit":
             found.append(words[1:])
-        elif "-m" in words and words[words.index("-m") + 1] == "training":
+        elif "-m" in words and words[words.index("-m") + 1] == "ulmfit":
             found.append(words[words.index("-m") + 2 :])
     return found
 

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from training.recipes import RecipeError, available_recipes, load_recipe
-from training.stages import _provenance, _training_arguments
-from training.trainer import ULMFiTTrainingArguments
+from ulmfit.recipes import RecipeError, available_recipes, load_recipe
+from ulmfit.stages import _provenance, _training_arguments
+from ulmfit.trainer import ULMFiTTrainingArguments
 
 TRAINING_FIELDS = {f.name for f in dataclasses.fields(ULMFiTTrainingArguments)}
 

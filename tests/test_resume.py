@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from training.cli import main
+from ulmfit.cli import main
 
 REPO = Path(__file__).resolve().parent.parent
 # Stage 2 checkpoints every 10 of its 200 steps, so a run killed once a checkpoint appears is killed mid-stage.
@@ -151,7 +151,7 @@ def test_training_values_that_cannot_train_fail_at_validation(recipe, override, 
 
 
 def test_numbers_written_as_1e_minus_3_are_numbers(recipe, capsys):
-    from training.cli import _load, build_parser
+    from ulmfit.cli import _load, build_parser
 
     args = build_parser().parse_args(["validate", recipe, "--set", "stages.pretrain.training.learning_rate=1e-3"])
     assert _load(args).stages["pretrain"].training["learning_rate"] == 0.001

@@ -14,9 +14,9 @@ import pytest
 import torch
 from transformers import EvalPrediction
 
-from training.cli import main
-from training.data import DataSpec, DataValidationError, encode_targets, load_data
-from training.metrics import classification_compute_metrics
+from ulmfit.cli import main
+from ulmfit.data import DataSpec, DataValidationError, encode_targets, load_data
+from ulmfit.metrics import classification_compute_metrics
 
 DEMO_DATA = Path(__file__).resolve().parent.parent / "training" / "demo_data"
 TAGS = ["enthusiastic", "positive", "scathing"]

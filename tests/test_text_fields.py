@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from training.cli import main, read_texts
-from training.data import DataSpec, join_fields, join_text_fields, load_data
-from training.stages import has_field_markers
-from training.tokenizer_training import train_fastai_tokenizer, train_subword_tokenizer
+from ulmfit.cli import main, read_texts
+from ulmfit.data import DataSpec, join_fields, join_text_fields, load_data
+from ulmfit.stages import has_field_markers
+from ulmfit.tokenizer_training import train_fastai_tokenizer, train_subword_tokenizer
 
 DEMO_DATA = Path(__file__).resolve().parent.parent / "training" / "demo_data"
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from modeling_awd_lstm.tokenization_awd_lstm import FASTAI_SPECIAL_TOKENS, AwdLstmTokenizer
-from training.tokenizer_training import iter_texts, make_vocab, train_fastai_tokenizer, train_subword_tokenizer
+from ulmfit.tokenizer_training import iter_texts, make_vocab, train_fastai_tokenizer, train_subword_tokenizer
 
 
 DEMO_DATA = Path(__file__).resolve().parents[1] / "training" / "demo_data"
@@ -263,7 +263,7 @@ def test_subword_tokenizer(subword_tokenizers, model):
 
 def run_isolated(code: str, cwd: Path) -> dict:
     """Run `code` in a fresh `python -I` with this project's packages made unimportable; return its JSON output."""
-    blocker = "import sys\nfor name in ('modeling_awd_lstm', 'training'):\n    sys.modules[name] = None\n"
+    blocker = "import sys\nfor name in ('modeling_awd_lstm', 'ulmfit'):\n    sys.modules[name] = None\n"
     env = {**os.environ, "HF_MODULES_CACHE": str(cwd / "modules"), "HF_HUB_OFFLINE": "1"}
     result = subprocess.run(
         [sys.executable, "-I", "-c", blocker + code], cwd=cwd, env=env, capture_output=True, text=True, timeout=300

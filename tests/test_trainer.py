@@ -15,8 +15,8 @@ from modeling_awd_lstm import AwdLstmConfig, AwdLstmForCausalLM, AwdLstmForSeque
 from modeling_awd_lstm import modeling_awd_lstm
 from scripts.ulmfit_tiny import single_thread  # noqa: F401  (a fixture, used by pytestmark)
 from scripts.ulmfit_tiny import classification_dataset, lm_corpus, tiny_config, word_tokenizer
-from training.data import LanguageModelingStream, SortedBatchSampler
-from training.trainer import COMPLETE_MARK, ULMFiTTrainer, ULMFiTTrainingArguments, last_complete_checkpoint
+from ulmfit.data import LanguageModelingStream, SortedBatchSampler
+from ulmfit.trainer import COMPLETE_MARK, ULMFiTTrainer, ULMFiTTrainingArguments, last_complete_checkpoint
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 SCRIPTS = Path(__file__).resolve().parent / "scripts"
@@ -355,7 +355,7 @@ def test_ddp_on_two_cpu_processes(tmp_path):
 # ----------------------------------------------------------------------------------------------------------------------
 def test_lm_then_classifier_on_imdb_improves_both(tmp_path):
     from scripts.ulmfit_tiny import imdb_texts
-    from training.metrics import classification_compute_metrics
+    from ulmfit.metrics import classification_compute_metrics
 
     unlabelled = imdb_texts("unsup", limit=1000)
     tokenizer = word_tokenizer(unlabelled + imdb_texts("train", limit=1000), vocab_size=3000)

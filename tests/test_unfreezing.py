@@ -8,9 +8,9 @@ from transformers import TrainerCallback
 from modeling_awd_lstm import AwdLstmForSequenceClassification
 from scripts.ulmfit_tiny import single_thread  # noqa: F401  (a fixture, used by pytestmark)
 from scripts.ulmfit_tiny import classification_dataset, tiny_config, word_tokenizer
-from training.optim import layer_groups
-from training.trainer import ULMFiTTrainer, ULMFiTTrainingArguments
-from training.unfreezing import GradualUnfreezingCallback, parse_unfreeze_schedule, set_trainable_groups
+from ulmfit.optim import layer_groups
+from ulmfit.trainer import ULMFiTTrainer, ULMFiTTrainingArguments
+from ulmfit.unfreezing import GradualUnfreezingCallback, parse_unfreeze_schedule, set_trainable_groups
 
 
 pytestmark = pytest.mark.usefixtures("single_thread")

@@ -1,4 +1,4 @@
-"""`python -m training ...` and `accelerate launch -m training ...` run the `ulmfit` command line."""
+"""`python -m ulmfit ...` and `accelerate launch -m ulmfit ...` run the `ulmfit` command line."""
 
 from .cli import main
 

@@ -6,7 +6,7 @@
     ulmfit predict runs/demo/classifier reviews.csv --text-column review
     ulmfit generate runs/demo/finetune_lm "The movie was"
 
-Under `accelerate launch -m training run RECIPE` every process trains; the main process alone writes and pushes.
+Under `accelerate launch -m ulmfit run RECIPE` every process trains; the main process alone writes and pushes.
 """
 
 import argparse

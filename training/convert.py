@@ -10,7 +10,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from training.convert_fastai import FastaiConversionError, convert_fastai
+from ulmfit.convert_fastai import FastaiConversionError, convert_fastai
 
 
 def add_convert_fastai_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:

@@ -22,7 +22,7 @@ import yaml
 from .data import DataSpec
 
 STAGE_ORDER = ("pretrain", "finetune_lm", "classifier")
-RECIPES_PACKAGE = "hub_configs"
+RECIPES_PACKAGE = "ulmfit.hub_configs"  # the hub_configs/ folder
 
 
 class RecipeError(ValueError):
@@ -301,7 +301,7 @@ def _exists(path: str | Path) -> bool:
 def resolve_data_path(path: str, recipe_dir: Path) -> str:
     """`bundled:NAME` is a file of the package's bundled data; a relative path is relative to the recipe's folder."""
     if path.startswith("bundled:"):
-        return str(Path(str(resources.files("training.demo_data"))) / path[len("bundled:"):])
+        return str(Path(str(resources.files("ulmfit.demo_data"))) / path[len("bundled:"):])
     expanded = Path(os.path.expanduser(path))
     if not expanded.is_absolute() and _exists(recipe_dir / expanded):
         return str(recipe_dir / expanded)

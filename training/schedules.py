@@ -166,7 +166,7 @@ def get_fine_tune_schedule(
     """
     fastai's `Learner.fine_tune(epochs, base_lr, freeze_epochs, lr_mult, pct_start, div)`.
 
-    `base_lr` is the top layer group's rate in `optimizer` (built by `training.optim.create_optimizer`, whose groups
+    `base_lr` is the top layer group's rate in `optimizer` (built by `ulmfit.optim.create_optimizer`, whose groups
     carry `"layer_group"`); the rates the optimizer gives the other groups are replaced by fastai's:
 
     1. `num_frozen_steps` (fastai's `freeze_epochs` epochs): a one-cycle with `pct_start=0.99` and `div=25` at
@@ -186,7 +186,7 @@ def get_fine_tune_schedule(
     if any("layer_group" not in group for group in optimizer.param_groups):
         raise ValueError(
             "fine_tune needs to know each parameter group's layer group: build the optimizer with "
-            "training.optim.create_optimizer."
+            "ulmfit.optim.create_optimizer."
         )
     num_groups = 1 + max(group["layer_group"] for group in optimizer.param_groups)
     base_lr = max(group["lr"] for group in optimizer.param_groups if group["layer_group"] == num_groups - 1)

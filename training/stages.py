@@ -658,7 +658,7 @@ def _final_metrics(trainer, evaluation, test, is_classifier: bool) -> dict[str, 
 
 
 def _transfer_vocabulary(model, parent_path, tokenizer):
-    from training.convert_fastai import transfer_vocab
+    from ulmfit.convert_fastai import transfer_vocab
 
     old_vocab = AutoTokenizer.from_pretrained(parent_path, trust_remote_code=True).convert_ids_to_tokens(
         list(range(model.config.vocab_size))

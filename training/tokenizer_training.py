@@ -150,7 +150,7 @@ def train_fastai_tokenizer(
 
 
 # Above this many documents a corpus is tokenized by one process per core (here, and for its ids in
-# `training.data.tokenize_for_lm`); counting goes in chunks of this many documents.
+# `ulmfit.data.tokenize_for_lm`); counting goes in chunks of this many documents.
 PARALLEL_MIN_DOCUMENTS = 20_000
 COUNTING_CHUNK_DOCUMENTS = 200
 _worker_tokenizer: AwdLstmTokenizer | None = None

@@ -4,8 +4,8 @@ ULMFiT on the transformers Trainer.
 `ULMFiTTrainingArguments` adds ULMFiT's settings to `TrainingArguments` (so they are saved with the run and listed
 by an `HfArgumentParser` CLI), and `ULMFiTTrainer` trains with them:
 
-- the optimizer and schedule come from `training.optim` and `training.schedules` (discriminative rates over the
-  layer groups, STLR, one-cycle or fastai's `fine_tune`), with gradual unfreezing from `training.unfreezing`;
+- the optimizer and schedule come from `ulmfit.optim` and `ulmfit.schedules` (discriminative rates over the
+  layer groups, STLR, one-cycle or fastai's `fine_tune`), with gradual unfreezing from `ulmfit.unfreezing`;
 - language-model stages read a `LanguageModelingStream` (built per process from a `TokenizedCorpus`) and carry the
   recurrent state from one batch to the next, as fastai does; evaluation reports perplexity computed the same way;
 - classifier stages read length-grouped batches (`SortedBatchSampler`, `ClassificationCollator`);
@@ -201,7 +201,7 @@ class ULMFiTTrainingArguments(TrainingArguments):
 
     @property
     def learning_rates(self) -> LearningRates:
-        """The rates as `training.optim.create_optimizer` takes them."""
+        """The rates as `ulmfit.optim.create_optimizer` takes them."""
         if self.layer_learning_rates is not None:
             return list(self.layer_learning_rates)
         if self.discriminative_lr_min is not None:
@@ -299,7 +299,7 @@ class ULMFiTTrainer(Trainer):
             if processing_class is None:
                 raise ValueError(
                     "Classifier batches are padded: pass processing_class (the tokenizer, for its pad id) or a "
-                    "data_collator such as training.data.ClassificationCollator."
+                    "data_collator such as ulmfit.data.ClassificationCollator."
                 )
             data_collator = ClassificationCollator(processing_class)
         super().__init__(model=model, args=args, data_collator=data_collator, train_dataset=train_dataset,

@@ -83,7 +83,7 @@ def check_unfreeze_schedule(schedule: Sequence[tuple[int, int | None]]) -> Unfre
 
 class GradualUnfreezingCallback(TrainerCallback):
     """
-    Freezes and unfreezes layer groups (see `training.optim.layer_groups`) as training goes.
+    Freezes and unfreezes layer groups (see `ulmfit.optim.layer_groups`) as training goes.
 
     Args:
         schedule: `[(start, num_trainable), ...]`: from epoch (or step) `start` on, the top `num_trainable` groups

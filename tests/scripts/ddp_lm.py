@@ -18,9 +18,9 @@ import torch.distributed as dist
 from ulmfit_tiny import imdb_texts, lm_corpus, tiny_config, word_tokenizer
 
 from modeling_awd_lstm import AwdLstmForCausalLM
-from training.cli import leave_process_group
-from training.optim import layer_groups
-from training.trainer import ULMFiTTrainer, ULMFiTTrainingArguments
+from ulmfit.cli import leave_process_group
+from ulmfit.optim import layer_groups
+from ulmfit.trainer import ULMFiTTrainer, ULMFiTTrainingArguments
 
 
 def gather(value):

@@ -16,7 +16,7 @@ if str(TESTS_DIR) not in sys.path:  # scripts run by `accelerate launch` start i
 from conftest import read_imdb  # noqa: E402
 
 from modeling_awd_lstm import AwdLstmConfig  # noqa: E402
-from training.data import TokenizedCorpus, tokenize_for_classification, tokenize_for_lm  # noqa: E402
+from ulmfit.data import TokenizedCorpus, tokenize_for_classification, tokenize_for_lm  # noqa: E402
 
 # fastai's first special tokens, so the config's pad (1), bos (2) and eos (3) ids hold.
 SPECIAL_TOKENS = ["xxunk", "xxpad", "xxbos", "xxeos"]

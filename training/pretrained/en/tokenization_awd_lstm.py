@@ -292,7 +292,7 @@ class AwdLstmTokenizer(PreTrainedTokenizer):
             raise ValueError(
                 "AwdLstmTokenizer needs its vocabulary: pass exactly one of `vocab_file` (a JSON list of tokens) and "
                 "`vocab` (the list itself, e.g. fastai's `learn.dls.vocab`). To build one from texts use "
-                "`training.tokenizer_training.train_fastai_tokenizer`."
+                "`ulmfit.tokenizer_training.train_fastai_tokenizer`."
             )
         if vocab is None:
             vocab = _load_vocab(vocab_file)
