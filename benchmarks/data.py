@@ -222,7 +222,9 @@ def prepare(settings: Settings, files: DataFiles, cache_dir: Path, log=print) ->
     lm_valid_tokens = fastai_tokenize(read_wikitext_articles(files.lm_valid, max_lines), n_workers)
     imdb_train = read_imdb(files.imdb_train)
     imdb_test = read_imdb(files.imdb_test)
-    vocab_rows = imdb_train if settings.vocab_imdb_docs >= len(imdb_train) else rng.sample(imdb_train, settings.vocab_imdb_docs)
+    vocab_rows = (
+        imdb_train if settings.vocab_imdb_docs >= len(imdb_train) else rng.sample(imdb_train, settings.vocab_imdb_docs)
+    )
     n_clas_train = settings.clas_train_batch_size * (settings.clas_warmup_batches + settings.clas_timed_batches)
     clas_train_rows = rng.sample(imdb_train, n_clas_train)
     test_rows = rng.sample(imdb_test, min(settings.infer_docs, len(imdb_test)))
@@ -230,7 +232,9 @@ def prepare(settings: Settings, files: DataFiles, cache_dir: Path, log=print) ->
     clas_train_tokens = fastai_tokenize([row["text"] for row in clas_train_rows], n_workers)
     test_tokens = fastai_tokenize([row["text"] for row in test_rows], n_workers)
 
-    counts = Counter(token for docs in (lm_train_tokens, lm_valid_tokens, vocab_tokens) for doc in docs for token in doc)
+    counts = Counter(
+        token for docs in (lm_train_tokens, lm_valid_tokens, vocab_tokens) for doc in docs for token in doc
+    )
     vocabs, real_entries = {}, {}
     for size in sorted(set(lm_vocabs) | {settings.clas_vocab}):
         vocabs[size], real_entries[size] = build_vocab(counts, size, settings.min_freq)
@@ -278,7 +282,13 @@ def prepare(settings: Settings, files: DataFiles, cache_dir: Path, log=print) ->
 
 def _save_initial_weights(settings: Settings, prepared: Prepared, vocabs: dict[int, list[str]]) -> None:
     """fastai's own initialization, seeded; both sides start from these weights (ours through the converter)."""
-    from fastai.text.all import AWD_LSTM, awd_lstm_clas_config, awd_lstm_lm_config, get_language_model, get_text_classifier
+    from fastai.text.all import (
+        AWD_LSTM,
+        awd_lstm_clas_config,
+        awd_lstm_lm_config,
+        get_language_model,
+        get_text_classifier,
+    )
 
     size = settings.model
     shape = dict(emb_sz=size.emb_size, n_hid=size.hidden_size, n_layers=size.num_layers)
@@ -315,7 +325,9 @@ def lm_stream(docs: list[torch.Tensor], n_tokens: int) -> list[torch.Tensor]:
     return out
 
 
-def lm_batches(docs: list[torch.Tensor], batch_size: int, bptt: int, n_batches: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def lm_batches(
+    docs: list[torch.Tensor], batch_size: int, bptt: int, n_batches: int
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """fastai's `LMDataLoader` layout (no shuffling): the text is one stream cut into `batch_size` rows read side by
     side, `bptt` tokens at a time; targets are the inputs shifted by one token."""
     row_len = n_batches * bptt

@@ -162,7 +162,9 @@ def _clas_items(ids: list[torch.Tensor], labels: torch.Tensor) -> list[tuple]:
 
 def _sorted_dl(items: list[tuple], batch_size: int, shuffle: bool, bptt: int) -> SortedDL:
     """fastai's classifier batching: `SortedDL` with `Pad_Chunk` (padding first, in bptt-sized chunks)."""
-    return SortedDL(items, bs=batch_size, shuffle=shuffle, before_batch=Pad_Chunk(pad_idx=PAD, pad_first=True, seq_len=bptt))
+    return SortedDL(
+        items, bs=batch_size, shuffle=shuffle, before_batch=Pad_Chunk(pad_idx=PAD, pad_first=True, seq_len=bptt)
+    )
 
 
 def _classifier(settings: Settings, prepared: Prepared):

@@ -17,8 +17,9 @@ from pathlib import Path
 
 import torch
 
-from modeling_awd_lstm import modeling_awd_lstm
-from modeling_awd_lstm.modeling_awd_lstm import AwdLstmLayer, cpu_has_bf16_kernels
+from modeling_awd_lstm import kernels_awd_lstm
+from modeling_awd_lstm.kernels_awd_lstm import cpu_has_bf16_kernels
+from modeling_awd_lstm.modeling_awd_lstm import AwdLstmLayer
 
 from .report import machine_info
 
@@ -39,7 +40,7 @@ def time_step(layer: AwdLstmLayer, inputs: torch.Tensor, kernel: str) -> float:
     started = time.perf_counter()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         output, _ = layer(inputs)
-    ran = "stepwise" if output.grad_fn.name() == "_StepwiseLstmBackward" else "fused"
+    ran = "stepwise" if output.grad_fn.name() == "StepwiseLstmBackward" else "fused"
     if ran != kernel:
         raise RuntimeError(f"asked for the {kernel} kernel, the {ran} one ran")
     output.float().sum().backward()
@@ -54,7 +55,7 @@ def measure(input_size: int, hidden_size: int, batch: int, rounds: int, warmup: 
     for round_index in range(warmup + rounds):
         order = list(KERNELS) if round_index % 2 == 0 else list(reversed(KERNELS))
         for kernel in order:
-            modeling_awd_lstm.FUSED_BF16_TRAINING_MAX_HIDDEN = KERNELS[kernel]
+            kernels_awd_lstm.FUSED_BF16_TRAINING_MAX_HIDDEN = KERNELS[kernel]
             seconds = time_step(layer, inputs, kernel)
             layer.zero_grad(set_to_none=True)
             inputs.grad = None
@@ -73,7 +74,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if not cpu_has_bf16_kernels():
         raise SystemExit("This CPU has no bf16 kernels (AVX-512 BF16 or AMX): there is no fused bf16 LSTM to compare.")
-    threshold = modeling_awd_lstm.FUSED_BF16_TRAINING_MAX_HIDDEN
+    threshold = kernels_awd_lstm.FUSED_BF16_TRAINING_MAX_HIDDEN
     sizes, rounds = (QUICK_SIZES, 2) if args.quick else (SIZES, args.rounds)
     rows = []
     try:
@@ -83,7 +84,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{input_size}->{hidden_size}, batch {batch}: fused {row['fused_ms']:.0f} ms, stepwise "
                   f"{row['stepwise_ms']:.0f} ms ({row['stepwise_over_fused']:.2f}x)", flush=True)
     finally:
-        modeling_awd_lstm.FUSED_BF16_TRAINING_MAX_HIDDEN = threshold
+        kernels_awd_lstm.FUSED_BF16_TRAINING_MAX_HIDDEN = threshold
     machine = {**machine_info(), "threads": torch.get_num_threads(), "torch": torch.__version__}
     cpu = f"{machine['cpu']} ({', '.join(machine['bf16_hardware'])})"
     args.out.mkdir(parents=True, exist_ok=True)

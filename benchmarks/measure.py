@@ -45,7 +45,9 @@ class BatchClock:
 
     def after(self, skip: int) -> dict:
         """The steps after the first `skip` (warm-up) ones."""
-        return {"times": self.times[skip:], "cpu": self.cpu[skip:], "docs": self.docs[skip:], "tokens": self.tokens[skip:]}
+        return {
+            "times": self.times[skip:], "cpu": self.cpu[skip:], "docs": self.docs[skip:], "tokens": self.tokens[skip:]
+        }
 
 
 def peak_rss_mb() -> float:

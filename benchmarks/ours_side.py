@@ -75,7 +75,9 @@ def lm_train(spec: dict, settings: Settings, data: dict, prepared: Prepared) -> 
     vocab, batch_size, bptt = spec["vocab"], spec["batch_size"], settings.bptt
     n_batches = spec["warmup"] + spec["timed"]
     batches = lm_batches(data["lm"][vocab]["train_docs"], batch_size, bptt, n_batches)
-    model = _load(AwdLstmForCausalLM(AwdLstmConfig(vocab_size=vocab, **_shape(settings))), prepared.lm_init[vocab], "lm")
+    model = _load(
+        AwdLstmForCausalLM(AwdLstmConfig(vocab_size=vocab, **_shape(settings))), prepared.lm_init[vocab], "lm"
+    )
     model.train()
     optimizer = fastai_like_adamw(model, settings.lr)
     clock, cache = BatchClock(), None

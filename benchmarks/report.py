@@ -38,7 +38,8 @@ def machine_info() -> dict:
         pass
     memory_gib = None
     try:
-        kib = int(next(l for l in Path("/proc/meminfo").read_text().splitlines() if l.startswith("MemTotal")).split()[1])
+        meminfo = Path("/proc/meminfo").read_text().splitlines()
+        kib = int(next(line for line in meminfo if line.startswith("MemTotal")).split()[1])
         memory_gib = round(kib / 2**20, 1)
     except (OSError, StopIteration):
         pass
@@ -72,7 +73,10 @@ def _key(run: dict) -> tuple:
 def _setting_label(key: tuple, settings: Settings) -> str:
     task, vocab, batch_size, precision = key
     if task == "lm_train":
-        return f"vocab {vocab // 1000 if vocab >= 1000 else vocab}{'k' if vocab >= 1000 else ''}, batch {batch_size}, BPTT {settings.bptt}, {precision}"
+        return (
+            f"vocab {vocab // 1000 if vocab >= 1000 else vocab}{'k' if vocab >= 1000 else ''}, batch {batch_size},"
+            f" BPTT {settings.bptt}, {precision}"
+        )
     if task == "clas_train":
         return f"IMDb, batch {settings.clas_train_batch_size}, {precision}"
     if task == "clas_infer":
@@ -95,7 +99,9 @@ def _metrics(task: str, results: list[dict], clock: str) -> dict[str, float]:
         times = [t for r in results for t in r["steps"][clock]]
         return {"tokens/s": results[0]["tokens_per_batch"] / median(times)}
     if task == "clas_train":
-        steps = [(t, d, k) for r in results for t, d, k in zip(r["steps"][clock], r["steps"]["docs"], r["steps"]["tokens"])]
+        steps = [
+            (t, d, k) for r in results for t, d, k in zip(r["steps"][clock], r["steps"]["docs"], r["steps"]["tokens"])
+        ]
         return {"docs/s": median([d / t for t, d, _ in steps]), "tokens/s": median([k / t for t, _, k in steps])}
     key = "time" if clock == "times" else "cpu"
     if task == "clas_infer":
@@ -123,7 +129,11 @@ def _memory(records: list[dict]) -> dict | None:
 def _agreement(reference: list[float], other: list[float]) -> dict:
     n = min(len(reference), len(other))
     same = sum((a > 0.5) == (b > 0.5) for a, b in zip(reference[:n], other[:n]))
-    return {"docs": n, "same_label": same, "max_abs_prob_diff": max((abs(a - b) for a, b in zip(reference, other)), default=0.0)}
+    return {
+        "docs": n,
+        "same_label": same,
+        "max_abs_prob_diff": max((abs(a - b) for a, b in zip(reference, other)), default=0.0),
+    }
 
 
 def summarize(records: list[dict], settings: Settings, prepared: Prepared, started: float, finished: float,
@@ -304,7 +314,9 @@ def targets(summary: dict, settings: Settings) -> list[dict]:
             continue
         seen.add(key)
         if mem["ours"]["peak_mb"] > mem["fastai"]["peak_mb"]:
-            higher.append(f"{row['task']} {row['setting']}: {mem['ours']['peak_mb']:,.0f} vs {mem['fastai']['peak_mb']:,.0f} MB")
+            higher.append(
+                f"{row['task']} {row['setting']}: {mem['ours']['peak_mb']:,.0f} vs {mem['fastai']['peak_mb']:,.0f} MB"
+            )
     if seen:
         add("Peak memory", "ours <= fastai at every setting (process peak RSS)",
             f"higher at {len(higher)} of {len(seen)} settings" + (": " + "; ".join(higher) if higher else ""),
@@ -345,7 +357,8 @@ def markdown(summary: dict) -> str:
         f"# {summary['title']}",
         "",
         f"{summary['date']}, {summary['duration_s'] / 60:.1f} min. Machine: {m['cpu']}, {m['cores']} cores"
-        f" ({', '.join(m['bf16_hardware']) or 'no bf16 instructions'}), {m['memory_gib']} GiB, GPU: {m['gpu'] or 'none'}."
+        f" ({', '.join(m['bf16_hardware']) or 'no bf16 instructions'}), {m['memory_gib']} GiB,"
+        f" GPU: {m['gpu'] or 'none'}."
         f" torch threads: {s['threads'] or m['cores']}, OMP_WAIT_POLICY={s['omp_wait_policy'] or 'unset'}."
         + (f" Load average (1 min) before each measurement: median {summary['load_average_1min']['median']:.1f},"
            f" max {summary['load_average_1min']['max']:.1f}." if summary.get("load_average_1min") else ""),
@@ -367,13 +380,15 @@ def markdown(summary: dict) -> str:
                   for t in summary["targets"]]
         lines.append("")
     lines += ["## Throughput (medians)", "",
-              "| benchmark | setting | metric | fastai | ours | ours/fastai | ours/fastai by CPU time | peak MB fastai | peak MB ours |",
+              "| benchmark | setting | metric | fastai | ours | ours/fastai | ours/fastai by CPU time"
+              " | peak MB fastai | peak MB ours |",
               "|---|---|---|---:|---:|---:|---:|---:|---:|"]
     for row in summary["rows"]:
         mem = row["memory"]
         mems = [f"{_fmt(mem[i]['peak_mb'])} (+{_fmt(mem[i]['above_baseline_mb'])})" if mem[i] else "-" for i in IMPLS]
         lines.append(
-            f"| {_TASK_TITLES[row['task']]} | {row['setting']} | {row['metric']} | {_fmt(row['fastai'], _digits(row['fastai']))}"
+            f"| {_TASK_TITLES[row['task']]} | {row['setting']} | {row['metric']}"
+            f" | {_fmt(row['fastai'], _digits(row['fastai']))}"
             f" | {_fmt(row['ours'], _digits(row['ours']))} | {_fmt(row['ratio'], 2)}x | {_fmt(row['ratio_cpu'], 2)}x"
             f" | {mems[0]} | {mems[1]} |"
         )
@@ -400,7 +415,9 @@ def markdown(summary: dict) -> str:
         lines.append("")
     if summary["generation"]:
         lines += ["## Generation", "", f"Prompt: \"{summary['prompt']}\"", ""]
-        lines += [f"- {name}: {g['mode']}, {g['prompt_tokens']}-token prompt" for name, g in summary["generation"].items()]
+        lines += [
+            f"- {name}: {g['mode']}, {g['prompt_tokens']}-token prompt" for name, g in summary["generation"].items()
+        ]
         lines.append("")
     d = summary["data"]
     lines += [

@@ -131,7 +131,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     parser.add_argument("--only", default=",".join(TASK_GROUPS), help=f"comma-separated subset of {TASK_GROUPS}")
     parser.add_argument("--reuse", type=Path, default=None,
-                        help="a previous results.json: its measurements of the benchmarks not in --only join the report")
+                        help="a previous results.json: its measurements of the benchmarks not in --only join the"
+                        " report")
     args = parser.parse_args(argv)
 
     only = tuple(name.strip() for name in args.only.split(",") if name.strip())
@@ -144,7 +145,8 @@ def main(argv: list[str] | None = None) -> int:
 
     started = time.time()
     files = resolve_data_files(args.data_dir)
-    log(f"data: {files.lm_train.parent if files.lm_train.parent == files.imdb_train.parent else files.lm_train.parent.parent}")
+    same_folder = files.lm_train.parent == files.imdb_train.parent
+    log(f"data: {files.lm_train.parent if same_folder else files.lm_train.parent.parent}")
     prepared = prepare(settings, files, args.cache_dir or default_cache_dir(), log=log)
     records = execute(settings, prepared, only)
     measured = datetime.fromtimestamp(started, timezone.utc).isoformat(timespec="seconds")

@@ -29,7 +29,9 @@ class Settings:
     lm_batch_sizes: tuple[int, ...] = (32, 64)
     # bf16 only where the CPU has bf16 kernels: elsewhere oneDNN has no bf16 LSTM (fastai's side fails) and bf16
     # matrix products run hundreds of times slower than fp32.
-    precisions: tuple[str, ...] = field(default_factory=lambda: ("fp32", "bf16") if cpu_has_bf16_kernels() else ("fp32",))
+    precisions: tuple[str, ...] = field(
+        default_factory=lambda: ("fp32", "bf16") if cpu_has_bf16_kernels() else ("fp32",)
+    )
     bptt: int = 70
     lm_warmup_batches: int = 1
     lm_timed_batches: int = 3

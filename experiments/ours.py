@@ -15,8 +15,8 @@ import torch
 from transformers import set_seed
 
 from modeling_awd_lstm import AwdLstmConfig, AwdLstmForCausalLM, AwdLstmForSequenceClassification, AwdLstmTokenizer
-from ulmfit.convert_fastai import transfer_vocab
 from ulmfit import stages
+from ulmfit.convert_fastai import transfer_vocab
 from ulmfit.data import TokenizedCorpus, encode_labels, tokenize_for_classification, tokenize_for_lm
 from ulmfit.hub import STAGE_FILE, StageRecord
 from ulmfit.recipes import Recipe, load_recipe

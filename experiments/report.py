@@ -186,8 +186,10 @@ def _lowshot_section(records: list[dict], output: Path, plots_dir: Path) -> list
     if any(trained.values()):
         epochs = sorted({(r["labels"], r["stage3"]["epochs"], r["stage3"]["steps"]) for runs in trained.values()
                          for r in runs})
-        rates = "; ".join(f"{LOWSHOT_NAMES[m]} peak rate {_values(r['stage3']['training']['learning_rate'] for r in runs)}"
-                          for m, runs in trained.items() if runs)
+        rates = "; ".join(
+            f"{LOWSHOT_NAMES[m]} peak rate {_values(r['stage3']['training']['learning_rate'] for r in runs)}"
+            for m, runs in trained.items() if runs
+        )
         lines += ["", "Classifier epochs (steps) by labels: "
                   + ", ".join(f"{n}: {e} ({s})" for n, e, s in epochs) + f". {rates}."]
     figure, axis = plt.subplots(figsize=(9, 4))

@@ -400,6 +400,7 @@ def command_compare(args: argparse.Namespace) -> int:
 
 def command_lowshot(args: argparse.Namespace) -> int:
     from ulmfit.baselines import tfidf_logreg
+
     from .ours import train_classifier
 
     experiment = Experiment(args, "imdb")

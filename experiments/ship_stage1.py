@@ -87,7 +87,9 @@ To train it again (a similar model, not the same weights: the runs above were re
 """
 
 
-def ship(stage: Path, earlier_runs: list[Path], data_dir: Path, results_dir: Path, target: Path = SHIPPED / NAME) -> Path:
+def ship(
+    stage: Path, earlier_runs: list[Path], data_dir: Path, results_dir: Path, target: Path = SHIPPED / NAME
+) -> Path:
     if not is_finished(stage):
         raise SystemExit(f"{stage} holds no finished stage: finish it with `ulmfit pretrain wikipedia_en` first.")
     # The last run's log: its final checkpoint's trainer state.

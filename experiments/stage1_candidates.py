@@ -4,9 +4,10 @@
         --results-dir experiments/results-avx512
 
 Every candidate is the `wikipedia_en` recipe with another model size, vocabulary or batch. A short probe run measures
-its training speed (without evaluation); the real run then gets as many steps as fit in `--minutes` of training at that speed, along a full
-one-cycle schedule, so each candidate ends its schedule instead of being cut off mid-rate. All read one Wikipedia file
-(4.2M words: more than any candidate reads in the time) and are measured on WikiText-2's validation articles.
+its training speed (without evaluation); the real run then gets as many steps as fit in `--minutes` of training at
+that speed, along a full one-cycle schedule, so each candidate ends its schedule instead of being cut off mid-rate.
+All read one Wikipedia file (4.2M words: more than any candidate reads in the time) and are measured on WikiText-2's
+validation articles.
 Perplexity per token depends on the vocabulary, so the table also gives it per WikiText word: exp(loss per predicted
 token x predicted tokens / words). Each candidate is written to `stage1_candidates/<name>.json` when it ends and is
 skipped when that file exists, so an interrupted command is run again to finish.
@@ -18,10 +19,11 @@ import math
 import time
 from pathlib import Path
 
+from transformers import AutoTokenizer
+
 from benchmarks.report import machine_info, versions
 from ulmfit.recipes import load_recipe
 from ulmfit.stages import run_stage
-from transformers import AutoTokenizer
 
 RECIPE = "wikipedia_en"
 TRAIN_FILE = "general_en/wikipedia-2018-03.jsonl.gz"
@@ -48,7 +50,9 @@ def run_candidate(name: str, overrides: list[str], data_dir: Path, minutes: floa
     ]
     recipe = load_recipe(RECIPE, overrides=overrides)
     slug = name.replace("/", "-")
-    probe_recipe = load_recipe(RECIPE, overrides=[*overrides, "stages.pretrain.eval_data=null", "stages.pretrain.eval_fraction=0"])
+    probe_recipe = load_recipe(
+        RECIPE, overrides=[*overrides, "stages.pretrain.eval_data=null", "stages.pretrain.eval_fraction=0"]
+    )
     probe = run_stage(probe_recipe, "pretrain", work / f"{slug}-probe", overwrite=True, training_overrides={
         "max_steps": PROBE_STEPS, "eval_strategy": "no", "save_strategy": "no", "logging_steps": 5,
     })
@@ -94,7 +98,8 @@ def report(records: list[dict], minutes: float) -> str:
     ]
     for r in records:
         lines.append(
-            f"| {r['name']} | {r['model']} | {r['steps']:,} | {r['tokens_read'] / 1e6:.2f}M | {r['tokens_per_second']:,.0f}"
+            f"| {r['name']} | {r['model']} | {r['steps']:,} | {r['tokens_read'] / 1e6:.2f}M"
+            f" | {r['tokens_per_second']:,.0f}"
             f" | {r['eval_perplexity']:.1f} | {r['eval_word_perplexity']:.1f} | {100 * r['eval_unknown_rate']:.2f}% |"
         )
     machine = records[0]["machine"]

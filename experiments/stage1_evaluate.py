@@ -45,7 +45,8 @@ def evaluate_wikitext2(folder: str | Path, text_file: Path, batch_size: int = EV
             bf16=cpu_has_bf16_kernels(), report_to="none", disable_tqdm=True,
         )
         started = time.time()
-        loss = ULMFiTTrainer(model=model, args=args, eval_dataset=corpus, processing_class=tokenizer).evaluate()["eval_loss"]
+        trainer = ULMFiTTrainer(model=model, args=args, eval_dataset=corpus, processing_class=tokenizer)
+        loss = trainer.evaluate()["eval_loss"]
     return {
         "loss": round(loss, 5), "perplexity": round(math.exp(loss), 2),
         "word_perplexity": round(math.exp(loss * counts / words), 2), "predicted_tokens": counts, "words": words,

@@ -10,13 +10,13 @@ from transformers import (
 )
 
 from .configuration_awd_lstm import CLASSIFIER_DROPOUTS, LM_DROPOUTS, AwdLstmConfig
+from .kernels_awd_lstm import cpu_has_bf16_kernels
 from .modeling_awd_lstm import (
     AwdLstmCache,
     AwdLstmForCausalLM,
     AwdLstmForSequenceClassification,
     AwdLstmModel,
     AwdLstmPreTrainedModel,
-    cpu_has_bf16_kernels,
 )
 from .tokenization_awd_lstm import AwdLstmTokenizer
 

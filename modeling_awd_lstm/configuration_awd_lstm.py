@@ -92,7 +92,8 @@ class AwdLstmConfig(PreTrainedConfig):
                 raise ValueError(f"AwdLstmConfig: dropout `{name}` must be in [0, 1), got {value!r}.")
         if any(not isinstance(size, int) or size < 1 for size in self.classifier_hidden_sizes):
             raise ValueError(
-                f"AwdLstmConfig: `classifier_hidden_sizes` must be positive integers, got {self.classifier_hidden_sizes}."
+                "AwdLstmConfig: `classifier_hidden_sizes` must be positive integers, got "
+                f"{self.classifier_hidden_sizes}."
             )
         if len(self.head_dropouts) != len(self.classifier_hidden_sizes) + 1:
             raise ValueError(
@@ -100,7 +101,9 @@ class AwdLstmConfig(PreTrainedConfig):
                 f"({len(self.classifier_hidden_sizes) + 1}), got {self.classifier_dropouts}."
             )
         if self.ar_alpha < 0 or self.tar_beta < 0:
-            raise ValueError(f"AwdLstmConfig: `ar_alpha` and `tar_beta` must be >= 0, got {self.ar_alpha}, {self.tar_beta}.")
+            raise ValueError(
+                f"AwdLstmConfig: `ar_alpha` and `tar_beta` must be >= 0, got {self.ar_alpha}, {self.tar_beta}."
+            )
         for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
             value = getattr(self, name)
             if value is not None and not 0 <= value < self.vocab_size:

@@ -24,7 +24,6 @@ from typing import Any
 
 from transformers import PreTrainedTokenizer
 
-
 VOCAB_FILES_NAMES = {"vocab_file": "vocab.json"}
 
 # fastai's `defaults.text_spec_tok`, in fastai's order so that the ids match: xxunk=0, xxpad=1, xxbos=2, xxeos=3, ...

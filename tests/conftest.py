@@ -1,10 +1,13 @@
 import gzip
+import json
 import site
 import sys
-import json
 from pathlib import Path
 
 import pytest
+
+# The `hub_server` fixture (tests/hub_server.py), for every test module that takes it as an argument.
+pytest_plugins = ["hub_server"]
 
 DEMO_DATA = Path(__file__).resolve().parent.parent / "training" / "demo_data"
 
@@ -53,13 +56,13 @@ def bf16_kernels(monkeypatch):
     """Sets whether this CPU counts as having bf16 kernels, so both of the model's and trainer's paths are tested on
     any machine: a CPU without them still computes bf16 in the stepwise LSTM, only slowly, but has no fused bf16 LSTM,
     so there bf16 training runs every layer stepwise."""
-    from modeling_awd_lstm import modeling_awd_lstm
+    from modeling_awd_lstm import kernels_awd_lstm
 
-    real = modeling_awd_lstm.cpu_has_bf16_kernels()
+    real = kernels_awd_lstm.cpu_has_bf16_kernels()
 
     def set_present(present: bool) -> None:
-        monkeypatch.setattr(modeling_awd_lstm, "cpu_has_bf16_kernels", lambda: present)
+        monkeypatch.setattr(kernels_awd_lstm, "cpu_has_bf16_kernels", lambda: present)
         if present and not real:
-            monkeypatch.setattr(modeling_awd_lstm, "FUSED_BF16_TRAINING_MAX_HIDDEN", 0)
+            monkeypatch.setattr(kernels_awd_lstm, "FUSED_BF16_TRAINING_MAX_HIDDEN", 0)
 
     return set_present

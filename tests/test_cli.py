@@ -53,7 +53,8 @@ def test_run_writes_three_loadable_stages_and_the_classifier_beats_chance(demo_r
         record = json.loads((folder / "ulmfit_stage.json").read_text())
         assert record["metrics"]["eval_perplexity"] < len(tokenizer)  # far better than a uniform guess
         assert (folder / "training_curves.png").stat().st_size > 0
-    assert json.loads((demo_run / "finetune_lm" / "ulmfit_stage.json").read_text())["parent"] == str(demo_run / "pretrain")
+    record = json.loads((demo_run / "finetune_lm" / "ulmfit_stage.json").read_text())
+    assert record["parent"] == str(demo_run / "pretrain")
     classifier = AutoModelForSequenceClassification.from_pretrained(demo_run / "classifier")
     assert set(classifier.config.id2label.values()) == TREC_LABELS
     record = json.loads((demo_run / "classifier" / "ulmfit_stage.json").read_text())
@@ -70,7 +71,9 @@ def test_predict_writes_labels_and_probabilities(demo_run, tmp_path):
     reviews = tmp_path / "reviews.csv"
     reviews.write_text('review\n"Who wrote Hamlet ?"\n"How many miles is it to the moon ?"\n', encoding="utf-8")
     output = tmp_path / "out.jsonl"
-    assert main(["predict", str(demo_run / "classifier"), str(reviews), "--text-column", "review", "--output", str(output)]) == 0
+    assert main(
+        ["predict", str(demo_run / "classifier"), str(reviews), "--text-column", "review", "--output", str(output)]
+    ) == 0
     rows = [json.loads(line) for line in output.read_text().splitlines()]
     assert [row["text"] for row in rows] == ["Who wrote Hamlet ?", "How many miles is it to the moon ?"]
     for row in rows:
@@ -86,12 +89,16 @@ def test_predict_names_a_missing_column(demo_run, tmp_path):
 
 
 def test_generate_continues_the_prompt(demo_run, capsys):
-    assert main(["generate", str(demo_run / "finetune_lm"), "What is the", "--max-new-tokens", "12", "--seed", "3"]) == 0
+    assert main(
+        ["generate", str(demo_run / "finetune_lm"), "What is the", "--max-new-tokens", "12", "--seed", "3"]
+    ) == 0
     text = capsys.readouterr().out
     # The same sampling, seeded the same way, through the pipeline directly.
     torch.manual_seed(3)
     generator = pipeline("text-generation", model=str(demo_run / "finetune_lm"))
-    expected = generator("What is the", max_new_tokens=12, do_sample=True, temperature=0.8, top_k=40)[0]["generated_text"]
+    expected = generator(
+        "What is the", max_new_tokens=12, do_sample=True, temperature=0.8, top_k=40
+    )[0]["generated_text"]
     assert expected.startswith("What is the") and expected in text
 
 
@@ -130,7 +137,8 @@ def test_accelerate_launch_runs_two_processes(demo_run, tmp_path):
 
 def test_a_command_that_succeeded_in_a_process_group_ends_the_process_itself(tmp_path):
     """gloo's threads can abort a process during the interpreter's teardown, so after success `ulmfit` destroys the
-    group, runs the exit handlers and exits; after a failure the group stays, as other processes may still wait on it."""
+    group, runs the exit handlers and exits; after a failure the group stays, as other processes may still wait on
+    it."""
     program = f"""
 import atexit, sys
 import torch.distributed as dist

@@ -11,9 +11,11 @@ from types import SimpleNamespace
 import pandas as pd
 import pytest
 import torch
-from conftest import read_imdb
 
+from conftest import read_imdb
 from modeling_awd_lstm import AwdLstmConfig, AwdLstmForCausalLM, AwdLstmForSequenceClassification
+from modeling_awd_lstm.tokenization_awd_lstm import AwdLstmTokenizer
+from ulmfit.convert import add_convert_fastai_arguments, run_convert_fastai
 from ulmfit.convert_fastai import (
     FastaiConversionError,
     convert_fastai,
@@ -24,8 +26,6 @@ from ulmfit.convert_fastai import (
     read_fastai_checkpoint,
     transfer_vocab,
 )
-from modeling_awd_lstm.tokenization_awd_lstm import AwdLstmTokenizer
-from ulmfit.convert import add_convert_fastai_arguments, run_convert_fastai
 
 # Small enough to train in seconds; three layers so that the middle layer's sizes are checked too.
 FASTAI_CONFIG = dict(emb_sz=16, n_hid=24, n_layers=3)

@@ -6,8 +6,8 @@ import warnings
 import pandas as pd
 import pytest
 import torch
-from conftest import read_imdb
 
+from conftest import read_imdb
 from modeling_awd_lstm import AwdLstmConfig, AwdLstmForCausalLM, AwdLstmForSequenceClassification
 from ulmfit.convert_fastai import (
     FastaiConversionError,

@@ -12,7 +12,6 @@ from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
 from modeling_awd_lstm.tokenization_awd_lstm import AwdLstmTokenizer
-
 from ulmfit.data import (
     ClassificationCollator,
     DataSpec,
@@ -26,7 +25,6 @@ from ulmfit.data import (
     tokenize_for_lm,
     validate_dataset,
 )
-
 
 DEMO_DATA = Path(__file__).resolve().parent.parent / "training" / "demo_data"
 

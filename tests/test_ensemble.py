@@ -78,7 +78,8 @@ def test_the_ensemble_predicts_the_mean_of_both_classifiers(classifiers, questio
 
 @pytest.mark.parametrize("order, message", [
     (("backward", "backward"), "reads text backwards: give it as the backward classifier, and a forward one first"),
-    (("forward", "forward"), "reads text forwards: the backward classifier is one trained with `model.backwards: true`"),
+    (("forward", "forward"),
+     "reads text forwards: the backward classifier is one trained with `model.backwards: true`"),
 ])
 def test_a_backward_model_given_as_forward_is_named(classifiers, questions, capsys, order, message):
     first, second = (classifiers[name] for name in order)

@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from hub_server import hub_server  # noqa: F401
 from modeling_awd_lstm import AwdLstmConfig, AwdLstmForCausalLM
 from ulmfit import cli
 from ulmfit.cli import main
@@ -40,7 +39,8 @@ def one_line_error(capsys) -> str:
 @pytest.mark.parametrize("name, content, message", [
     ("empty.txt", "", "empty.txt' holds no data"),
     ("header.csv", "text,label\n", "header.csv' holds no data"),
-    ("broken.jsonl", '{"text": "fine"}\n{"text": "broken\n{"text": "fine"}\n', "broken.jsonl' could not be read as json"),
+    ("broken.jsonl", '{"text": "fine"}\n{"text": "broken\n{"text": "fine"}\n',
+     "broken.jsonl' could not be read as json"),
 ])
 def test_unreadable_data_files_are_named(tmp_path, capsys, name, content, message):
     data = tmp_path / name

@@ -8,15 +8,14 @@ import json
 import os
 import shutil
 import warnings
-from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
-from conftest import DEMO_DATA
 from torch import nn
 
+from conftest import DEMO_DATA
 from experiments.run import ABLATIONS, LOWSHOT_METHODS, main
 from modeling_awd_lstm import AwdLstmConfig, AwdLstmForCausalLM, cpu_has_bf16_kernels
 from ulmfit.tokenizer_training import train_fastai_tokenizer
@@ -122,7 +121,8 @@ def test_compare_runs_both_implementations_from_one_stage2_per_side(compared):
         for key in ("seconds", "train_seconds", "tokens_per_second"):
             assert stage3[key] > 0, (impl, key)
         assert len(stage3["test_probabilities"]) == 60 and stage3["curve"]
-        assert record["settings"]["precision"] == FAST_PRECISION and record["command"].startswith("python -m experiments.run")
+        assert record["settings"]["precision"] == FAST_PRECISION
+        assert record["command"].startswith("python -m experiments.run")
         assert record["hardware"]["versions"]["torch"]
     # Each side's stage 2 ran once, for every seed; both sides read the same vocabulary and take the same steps.
     for impl in ("ours", "fastai"):
@@ -231,7 +231,9 @@ def test_ablations_run_every_variant_with_a_backward_stage1(ablations):
     assert "random" not in records["lm_one_rate"]["stage2"]["schedule"]
     gentle = records["lm_one_rate_gentle"]
     assert gentle["stage2"] == records["lm_one_rate"]["stage2"]
-    assert gentle["stage3"]["training"]["learning_rate"] == 2e-3 != records["full"]["stage3"]["training"]["learning_rate"]
+    assert (
+        gentle["stage3"]["training"]["learning_rate"] == 2e-3 != records["full"]["stage3"]["training"]["learning_rate"]
+    )
     assert gentle["stage3"]["training"]["discriminative_lr_factor"] == 1.0
     assert records["full"]["stage2"]["schedule"].startswith("fine_tune")
     for variant, schedule, factor in (("lm_one_rate", "one_cycle", 1.0), ("lm_discr", "one_cycle", 2.6),
@@ -255,7 +257,9 @@ def test_stage2_timing_alternates_the_implementations_and_keeps_no_model(timed):
     for impl in ("ours", "fastai"):
         seconds = sorted(r["seconds"] for r in timing["runs"] if r["impl"] == impl)
         assert timing["median"]["seconds"][impl] == pytest.approx(sum(seconds) / 2)
-    assert timing["speedup"] == pytest.approx(timing["median"]["seconds"]["fastai"] / timing["median"]["seconds"]["ours"])
+    assert timing["speedup"] == pytest.approx(
+        timing["median"]["seconds"]["fastai"] / timing["median"]["seconds"]["ours"]
+    )
     # Each run of a side is the same training: it reaches the same perplexity every time.
     perplexities = {impl: {round(r["valid_perplexity"], 6) for r in timing["runs"] if r["impl"] == impl}
                     for impl in ("ours", "fastai")}
@@ -388,7 +392,9 @@ def test_stage1_evaluation_reports_perplexity_per_token_and_per_word(tmp_path):
 
     lines = _lines("wikitext2_valid.txt.gz", 200)
     tokenizer = train_fastai_tokenizer(lines[:100], min_freq=2, show_progress=False)
-    model = AwdLstmForCausalLM(AwdLstmConfig(vocab_size=len(tokenizer), emb_size=16, hidden_size=32, num_layers=2, bptt=20))
+    model = AwdLstmForCausalLM(
+        AwdLstmConfig(vocab_size=len(tokenizer), emb_size=16, hidden_size=32, num_layers=2, bptt=20)
+    )
     model.save_pretrained(tmp_path / "lm")
     tokenizer.save_pretrained(tmp_path / "lm")
     text = tmp_path / "wiki.test.tokens"
@@ -425,7 +431,9 @@ stages:
     stage = tmp_path / "runs" / "pretrain"
     earlier = tmp_path / "earlier"
     earlier.mkdir()
-    (earlier / "trainer_state.json").write_text(next((stage / "checkpoints").glob("checkpoint-*/trainer_state.json")).read_text())
+    (earlier / "trainer_state.json").write_text(
+        next((stage / "checkpoints").glob("checkpoint-*/trainer_state.json")).read_text()
+    )
     data = tmp_path / "data" / "wikitext2"
     data.mkdir(parents=True)
     for split, name in (("valid", "wiki.valid.tokens"), ("test", "wiki.test.tokens")):
@@ -440,4 +448,5 @@ stages:
     card = (target / "README.md").read_text()
     assert "in\n2 runs" in card or "in 2 runs" in card.replace("\n", " ")
     assert f"{results['test']['perplexity']:.1f}" in card and "CC BY-SA 3.0" in card
-    assert (target / "training_curves.png").is_file() and (tmp_path / "results" / "stage1_training_curves.png").is_file()
+    assert (target / "training_curves.png").is_file()
+    assert (tmp_path / "results" / "stage1_training_curves.png").is_file()

@@ -19,7 +19,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, pipeline
 
 from conftest import python_without_package
-from hub_server import TOKEN, USER, HubServer, hub_server  # noqa: F401
+from hub_server import TOKEN, USER, HubServer
 from modeling_awd_lstm import AwdLstmForCausalLM, AwdLstmForSequenceClassification
 from test_modeling import tiny_config, word_level_tokenizer
 from ulmfit.hub import CURVES_FILE, STAGE_FILE, StageRecord, write_model_card
@@ -254,7 +254,9 @@ print(json.dumps(trainer.push_to_hub()))
     assert titles[0] == "End of training" and titles[-1] == "initial commit"
     assert any(title.startswith("Training in progress") for title in titles[1:-1]), titles
     pushed = hub_server.files(repo)
-    assert {"model.safetensors", "config.json", "modeling_awd_lstm.py", "configuration_awd_lstm.py"} <= set(pushed)
+    assert {
+        "model.safetensors", "config.json", "modeling_awd_lstm.py", "kernels_awd_lstm.py", "configuration_awd_lstm.py"
+    } <= set(pushed)
     assert not any(name.startswith("checkpoint-") for name in pushed)
     for name, stored in pushed.items():  # the final model, as the Trainer saved it
         assert name == ".gitattributes" or stored.data == (output_dir / name).read_bytes(), name

@@ -16,7 +16,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from hub_server import TOKEN, USER, HubServer, StoredFile, hub_server, run_client  # noqa: F401
+from hub_server import TOKEN, USER, HubServer, StoredFile, run_client
 
 MiB = 2**20
 REPO = f"{USER}/demo"

@@ -5,8 +5,8 @@ import json
 
 import pytest
 import torch
-from conftest import read_imdb
 
+from conftest import read_imdb
 from modeling_awd_lstm import AwdLstmConfig, AwdLstmForSequenceClassification
 from ulmfit.cli import main
 from ulmfit.interpret import Explanation, explain, explanations_html

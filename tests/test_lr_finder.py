@@ -6,8 +6,8 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from conftest import read_imdb
 
+from conftest import read_imdb
 from modeling_awd_lstm import AwdLstmConfig, AwdLstmForCausalLM
 from ulmfit.convert_fastai import to_fastai_state_dict
 from ulmfit.data import LanguageModelingStream, TokenizedCorpus

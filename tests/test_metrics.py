@@ -9,7 +9,6 @@ from transformers import EvalPrediction
 
 from ulmfit.metrics import METRICS_DIR, classification_compute_metrics, load_metric
 
-
 REFERENCES = [0, 0, 1, 1, 2, 2]
 PREDICTIONS = [0, 1, 1, 1, 2, 0]
 

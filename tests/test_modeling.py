@@ -7,6 +7,8 @@ import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torch import nn
 from transformers import (
     AutoConfig,
     AutoModel,
@@ -16,15 +18,15 @@ from transformers import (
     pipeline,
 )
 
+from conftest import python_without_package
 from modeling_awd_lstm import (
     AwdLstmConfig,
     AwdLstmForCausalLM,
     AwdLstmForSequenceClassification,
     AwdLstmModel,
 )
-from conftest import python_without_package
+from modeling_awd_lstm.kernels_awd_lstm import TRANSPOSED_WEIGHTS_KEY
 from ulmfit.convert_fastai import convert_fastai_state_dict
-from modeling_awd_lstm.modeling_awd_lstm import TRANSPOSED_WEIGHTS_KEY
 
 TINY = dict(emb_size=16, hidden_size=24, num_layers=3)
 
@@ -56,7 +58,9 @@ def fastai_text():
 def fastai_lm_pair(vocab_size: int):
     from fastai.text.all import AWD_LSTM, awd_lstm_lm_config, get_language_model
 
-    fastai_model = get_language_model(AWD_LSTM, vocab_size, config=dict(awd_lstm_lm_config, emb_sz=16, n_hid=24, n_layers=3))
+    fastai_model = get_language_model(
+        AWD_LSTM, vocab_size, config=dict(awd_lstm_lm_config, emb_sz=16, n_hid=24, n_layers=3)
+    )
     state_dict, kind = convert_fastai_state_dict(fastai_model.state_dict())
     assert kind == "lm"
     ours = AwdLstmForCausalLM(tiny_config(vocab_size))
@@ -170,7 +174,8 @@ def lstm_outputs_and_grads(layer, inputs, state, lengths, run):
 @pytest.mark.parametrize("lengths", [None, [9, 3, 0, 7, 9]])
 def test_stepwise_lstm_equals_torch_lstm_with_and_without_padding(lengths):
     """Outputs, state and all gradients in fp32 (1e-5), including padded steps and a row with no token at all."""
-    from modeling_awd_lstm.modeling_awd_lstm import AwdLstmLayer, _StepwiseLstm
+    from modeling_awd_lstm.kernels_awd_lstm import StepwiseLstm
+    from modeling_awd_lstm.modeling_awd_lstm import AwdLstmLayer
 
     torch.manual_seed(0)
     layer = AwdLstmLayer(12, 20, weight_p=0.0)
@@ -181,13 +186,49 @@ def test_stepwise_lstm_equals_torch_lstm_with_and_without_padding(lengths):
     def stepwise(x, s):
         mask = None if lengths is None else (torch.arange(9)[:, None] < lengths[None]).float()[..., None]
         lstm = layer.lstm
-        out, h, c = _StepwiseLstm.apply(
+        out, h, c = StepwiseLstm.apply(
             x, mask, *s, lstm.weight_ih_l0, lstm.weight_hh_l0, lstm.bias_ih_l0, lstm.bias_hh_l0, torch.float32
         )
         return out, (h, c)
 
     for expected, got in zip(reference, lstm_outputs_and_grads(layer, inputs, state, lengths, stepwise)):
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("grad, bf16, lengths, steps, state, hidden_size, kernel", [
+    (True, True, None, 7, False, 32, "lstm"),  # whole rows, a small layer: oneDNN's fused bf16 LSTM
+    (True, True, None, 7, False, 4096, "stepwise_bf16"),  # a large layer
+    (True, True, [7, 3], 7, False, 32, "stepwise_bf16"),  # padding: the fused kernel would need packing
+    (True, False, [7, 3], 7, False, 32, "lstm"),  # fp32 training: nn.LSTM, packed
+    (False, True, None, 7, False, 4096, "lstm"),  # bf16 inference
+    (False, False, None, 1, True, 32, "one_token"),  # generation
+    (False, False, None, 1, False, 32, "lstm"),  # a first token without a state
+    (False, False, [1, 1], 1, True, 32, "lstm"),
+])
+def test_select_kernel_names_the_lstm_path_of_each_call(grad, bf16, lengths, steps, state, hidden_size, kernel):
+    from modeling_awd_lstm.kernels_awd_lstm import select_kernel
+
+    hidden = torch.zeros(2, steps, 8)
+    state = (torch.zeros(1, 2, hidden_size), torch.zeros(1, 2, hidden_size)) if state else None
+    lengths = torch.tensor(lengths) if lengths is not None else None
+    with torch.set_grad_enabled(grad), torch.autocast("cpu", torch.bfloat16, enabled=bf16):
+        assert select_kernel(hidden, state, lengths, hidden_size) == kernel
+
+
+@pytest.mark.parametrize("dropped", [False, True])
+def test_one_token_kernel_equals_torch_lstm(dropped):
+    """Generation's step (transposed weights, or `lstm_cell` on a dropped recurrent weight) against `nn.LSTM`."""
+    from modeling_awd_lstm.kernels_awd_lstm import one_token_lstm
+
+    torch.manual_seed(0)
+    lstm = nn.LSTM(12, 20, batch_first=True)
+    inputs, state = torch.randn(2, 1, 12), (torch.randn(1, 2, 20), torch.randn(1, 2, 20))
+    weight_hh = F.dropout(lstm.weight_hh_l0, 0.5) if dropped else lstm.weight_hh_l0
+    with torch.no_grad():
+        expected = torch.func.functional_call(lstm, {"weight_hh_l0": weight_hh}, (inputs, state))
+        got = one_token_lstm(lstm, inputs, state, weight_hh)
+    for want, have in zip((expected[0], *expected[1]), (got[0], *got[1])):
+        torch.testing.assert_close(have, want, atol=1e-6, rtol=1e-5)
 
 
 def grad_fn_names(tensor: torch.Tensor) -> set[str]:
@@ -213,7 +254,7 @@ def test_bf16_training_on_cpu_runs_the_stepwise_lstm_and_stays_close_to_fp32(bf1
         torch.manual_seed(1)
         with torch.autocast("cpu", torch.bfloat16, enabled=bf16):
             out = model(ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100))
-        assert ("_StepwiseLstmBackward" in grad_fn_names(out.loss)) == bf16
+        assert ("StepwiseLstmBackward" in grad_fn_names(out.loss)) == bf16
         out.loss.backward()
         results.append([out.loss.detach()] + [p.grad.clone() for p in model.parameters()])
     for expected, got in zip(*results):
@@ -224,7 +265,7 @@ def test_bf16_training_picks_the_lstm_kernel_by_layer_size():
     """On whole rows, layers up to `FUSED_BF16_TRAINING_MAX_HIDDEN` train in bf16 through oneDNN's fused LSTM (faster
     there) and larger ones through the stepwise kernel, both close to fp32; a CPU without bf16 kernels trains both in
     fp32."""
-    from modeling_awd_lstm.modeling_awd_lstm import FUSED_BF16_TRAINING_MAX_HIDDEN, cpu_has_bf16_kernels
+    from modeling_awd_lstm.kernels_awd_lstm import FUSED_BF16_TRAINING_MAX_HIDDEN, cpu_has_bf16_kernels
 
     ids = torch.randint(4, 80, (3, 12), generator=torch.Generator().manual_seed(0))
     for hidden_size, fused in ((24, True), (FUSED_BF16_TRAINING_MAX_HIDDEN + 8, False)):
@@ -232,7 +273,7 @@ def test_bf16_training_picks_the_lstm_kernel_by_layer_size():
         model = AwdLstmForCausalLM(tiny_config(hidden_size=hidden_size)).train()
         first_layer_dtypes = []
         model.model.layers[0].register_forward_hook(
-            lambda module, inputs, output: first_layer_dtypes.append(output[0].dtype)
+            lambda module, inputs, output, dtypes=first_layer_dtypes: dtypes.append(output[0].dtype)
         )
         results = []
         for bf16 in (False, True):
@@ -240,7 +281,7 @@ def test_bf16_training_picks_the_lstm_kernel_by_layer_size():
             torch.manual_seed(1)
             with torch.autocast("cpu", torch.bfloat16, enabled=bf16):
                 out = model(ids, labels=ids)
-            stepwise = "_StepwiseLstmBackward" in grad_fn_names(out.loss)
+            stepwise = "StepwiseLstmBackward" in grad_fn_names(out.loss)
             out.loss.backward()
             results.append([out.loss.detach()] + [p.grad.clone() for p in model.parameters()])
         if cpu_has_bf16_kernels():
@@ -261,7 +302,7 @@ def test_without_cpu_bf16_kernels_the_lstms_run_in_fp32_under_bf16_autocast(bf16
     lm.model.layers[0].register_forward_hook(lambda module, inputs, output: lstm_dtypes.append(output[0].dtype))
     with torch.autocast("cpu", torch.bfloat16):
         loss = lm(ids, labels=ids).loss
-        assert "_StepwiseLstmBackward" not in grad_fn_names(loss)
+        assert "StepwiseLstmBackward" not in grad_fn_names(loss)
         loss.backward()
         lm.eval()
         generated = lm.generate(ids[:1, :4], max_new_tokens=5, do_sample=False)
@@ -290,7 +331,9 @@ def test_chunked_training_loss_equals_cross_entropy_of_the_logits(bias):
         else:  # the same dropout masks (same seed), then the logits and transformers' loss rule
             torch.manual_seed(1)
             logits = model(ids, output_hidden_states=True).logits
-            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, 300), targets.reshape(-1), reduction="sum") / 100
+            loss = (
+                torch.nn.functional.cross_entropy(logits.reshape(-1, 300), targets.reshape(-1), reduction="sum") / 100
+            )
         loss.backward()
         grads.append([loss.detach()] + [p.grad.clone() for p in model.parameters()])
     for got, expected in zip(*grads):
@@ -300,7 +343,9 @@ def test_chunked_training_loss_equals_cross_entropy_of_the_logits(bias):
 # ----------------------------------------------------------------------------------------------------------------------
 # Padding never changes a result
 # ----------------------------------------------------------------------------------------------------------------------
-def pad_batch(docs: list[torch.Tensor], pad_id: int, side: str, width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def pad_batch(
+    docs: list[torch.Tensor], pad_id: int, side: str, width: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     longest = width or max(len(d) for d in docs)
     ids = torch.full((len(docs), longest), pad_id)
     mask = torch.zeros((len(docs), longest), dtype=torch.long)
@@ -427,7 +472,9 @@ def test_one_token_steps_read_transposed_weights_that_follow_every_change():
     other = AwdLstmForCausalLM(tiny_config())
     model.load_state_dict(other.state_dict())
     check()
-    model.model.layers[0].lstm.weight_ih_l0 = torch.nn.Parameter(torch.randn_like(model.model.layers[0].lstm.weight_ih_l0))
+    model.model.layers[0].lstm.weight_ih_l0 = torch.nn.Parameter(
+        torch.randn_like(model.model.layers[0].lstm.weight_ih_l0)
+    )
     check()
     model.train()  # training makes the copies stale: their memory is freed
     assert not any(TRANSPOSED_WEIGHTS_KEY in module.__dict__ for module in model.modules())
@@ -446,7 +493,9 @@ def test_sampling_and_beam_search_follow_the_cache():
     recomputed = model.generate(prompt, use_cache=False, **settings)
     assert torch.equal(cached, recomputed)
     beams = dict(max_new_tokens=6, num_beams=3, do_sample=False, eos_token_id=None)
-    assert torch.equal(model.generate(prompt, use_cache=True, **beams), model.generate(prompt, use_cache=False, **beams))
+    assert torch.equal(
+        model.generate(prompt, use_cache=True, **beams), model.generate(prompt, use_cache=False, **beams)
+    )
 
 
 def test_generation_from_a_left_padded_batch_matches_each_prompt_alone():
@@ -454,7 +503,9 @@ def test_generation_from_a_left_padded_batch_matches_each_prompt_alone():
     model = AwdLstmForCausalLM(tiny_config()).eval()
     prompts = [torch.randint(4, 80, (n,)) for n in (4, 9)]
     ids, mask = pad_batch(prompts, pad_id=1, side="left")
-    batched = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, eos_token_id=None, pad_token_id=1)
+    batched = model.generate(
+        ids, attention_mask=mask, max_new_tokens=6, do_sample=False, eos_token_id=None, pad_token_id=1
+    )
     for row, prompt in enumerate(prompts):
         alone = model.generate(prompt[None], max_new_tokens=6, do_sample=False, eos_token_id=None)
         assert torch.equal(batched[row, -6:], alone[0, -6:])
@@ -468,7 +519,9 @@ def test_save_load_round_trip_keeps_outputs_and_tied_weights(tmp_path):
     model = AwdLstmForCausalLM(tiny_config()).eval()
     model.save_pretrained(tmp_path)
     files = set(os.listdir(tmp_path))
-    assert {"model.safetensors", "config.json", "modeling_awd_lstm.py", "configuration_awd_lstm.py"} <= files
+    assert {
+        "model.safetensors", "config.json", "modeling_awd_lstm.py", "kernels_awd_lstm.py", "configuration_awd_lstm.py"
+    } <= files
     config = json.loads((tmp_path / "config.json").read_text())
     assert set(config["auto_map"]) == {
         "AutoConfig", "AutoModel", "AutoModelForCausalLM", "AutoModelForSequenceClassification"
@@ -516,7 +569,9 @@ def test_from_pretrained_with_a_different_number_of_labels(tmp_path):
 
 def test_gradient_reaches_every_trainable_parameter():
     torch.manual_seed(0)
-    for model in (AwdLstmForCausalLM(tiny_config()), AwdLstmForSequenceClassification(tiny_config(num_labels=3, bptt=8))):
+    for model in (
+        AwdLstmForCausalLM(tiny_config()), AwdLstmForSequenceClassification(tiny_config(num_labels=3, bptt=8))
+    ):
         model.train()
         ids = torch.randint(4, 80, (3, 20))
         labels = ids if isinstance(model, AwdLstmForCausalLM) else torch.tensor([0, 1, 2])

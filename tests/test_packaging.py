@@ -14,8 +14,10 @@ NOT_SOURCE = shutil.ignore_patterns(".git", ".venv", "runs", "work", "build", "d
 def test_the_wheel_installs_only_modeling_awd_lstm_and_ulmfit(tmp_path):
     source = tmp_path / "source"
     shutil.copytree(ROOT, source, ignore=NOT_SOURCE)
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet", "--wheel-dir", str(tmp_path), str(source)],
-                   check=True)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet", "--wheel-dir", str(tmp_path), str(source)],
+        check=True,
+    )
     wheel = zipfile.ZipFile(next(tmp_path.glob("ulmfit_hf-*.whl")))
     files = wheel.namelist()
 

@@ -11,7 +11,7 @@ import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
 
-from hub_server import USER, hub_server  # noqa: F401
+from hub_server import USER
 from test_hub import pusher_env, run_python
 from ulmfit.cli import main
 from ulmfit.hub import MODEL_CODE_FILES, STAGE_FILE

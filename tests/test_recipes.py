@@ -76,7 +76,8 @@ def write_recipe(tmp_path, mutate) -> Path:
         (lambda v: v["model"].update(num_layers="three"), "`model.num_layers` must be int"),
         (lambda v: v["stages"]["pretrain"].update(eval_fraction=1.5), "eval_fraction"),
         (lambda v: v["stages"]["pretrain"]["data"].update(path="no/such/file.txt"), "no/such/file.txt"),
-        (lambda v: v["stages"]["pretrain"]["data"].update(path="bundled:nothing_*.txt.gz"), "no data file matches 'bundled:nothing_"),
+        (lambda v: v["stages"]["pretrain"]["data"].update(path="bundled:nothing_*.txt.gz"),
+         "no data file matches 'bundled:nothing_"),
         (lambda v: v["stages"]["pretrain"]["data"].update(columns="text"), "columns"),
         (lambda v: v["stages"].pop("finetune_lm"), "names stage 'finetune_lm', which this recipe does not define"),
         (lambda v: v["stages"].update(evaluate={"data": {"path": "x"}}), "Unknown stage `stages.evaluate`"),
@@ -121,7 +122,8 @@ def test_paper_recipes_fine_tune_the_lm_as_the_paper_does(name, tmp_path):
 
 @pytest.mark.parametrize("name", ["paper_imdb", "trec6"])
 def test_paper_recipes_train_the_classifier_as_the_paper_does(name, tmp_path):
-    """Stage 3 unfreezes one more layer group each epoch, with discriminative rates (2.6) along STLR, 1e-2 at the top."""
+    """Stage 3 unfreezes one more layer group each epoch, with discriminative rates (2.6) along STLR, 1e-2 at the
+    top."""
     recipe = load_recipe(name)
     args = _training_arguments(recipe, recipe.stages["classifier"], tmp_path, {}, from_scratch=False)
     assert (args.ulmfit_schedule, args.discriminative_lr_factor, args.learning_rate) == ("stlr", 2.6, 1e-2)

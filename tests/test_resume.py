@@ -114,7 +114,9 @@ def test_an_interrupted_stage_resumes_only_with_its_own_settings(recipe, tmp_pat
     (folder / "ulmfit_stage.json").unlink()
     capsys.readouterr()
 
-    assert main(["pretrain", recipe, "--output-dir", str(out), "--set", "stages.pretrain.training.learning_rate=0.02"]) == 2
+    assert main(
+        ["pretrain", recipe, "--output-dir", str(out), "--set", "stages.pretrain.training.learning_rate=0.02"]
+    ) == 2
     error = capsys.readouterr().err
     assert "interrupted run started with other settings" in error and "learning_rate" in error and "--restart" in error
     # A training argument the recipe does not set counts too.
@@ -140,7 +142,8 @@ def test_a_folder_that_no_stage_wrote_is_never_cleared(recipe, tmp_path, capsys)
         ("stages.pretrain.training.learning_rate=0", "learning_rate must be positive"),
         ("stages.pretrain.training.num_train_epochs=0", "num_train_epochs must be positive"),
         ("stages.pretrain.training.max_steps=many", "`stages.pretrain.training.max_steps` must be int"),
-        ("stages.pretrain.training.resume_from_checkpoint=runs/x/checkpoint-3", "running a stage's command again resumes it"),
+        ("stages.pretrain.training.resume_from_checkpoint=runs/x/checkpoint-3",
+         "running a stage's command again resumes it"),
         ("stages.pretrain.data.label_names=negpos", "label_names must be a list of class names"),
     ],
 )
@@ -159,10 +162,13 @@ def test_numbers_written_as_1e_minus_3_are_numbers(recipe, capsys):
 
 def test_a_classifier_needs_two_classes(recipe, tmp_path, capsys):
     data = tmp_path / "one_class.jsonl"
-    data.write_text("".join(json.dumps({"text": f"review number {i} was fine", "label": "pos"}) + "\n" for i in range(20)))
+    data.write_text(
+        "".join(json.dumps({"text": f"review number {i} was fine", "label": "pos"}) + "\n" for i in range(20))
+    )
     assert main(["pretrain", recipe, "--output-dir", str(tmp_path / "out")]) == 0
     assert main([
-        "train-classifier", recipe, "--output-dir", str(tmp_path / "out"), "--parent", str(tmp_path / "out" / "pretrain"),
+        "train-classifier", recipe, "--output-dir", str(tmp_path / "out"),
+        "--parent", str(tmp_path / "out" / "pretrain"),
         "--set", f"stages.classifier={{data: {{path: {data}, label_column: label}}, training: {{max_steps: 2}}}}",
     ]) == 2
     assert "needs at least two" in capsys.readouterr().err

@@ -52,7 +52,9 @@ def test_joined_fields_give_fastais_vocabulary_and_ids(articles, articles_file):
 
     assert spec.text_key == "title+body" and dataset[0]["title+body"].startswith("xxfld 1 ")
     assert tokenizer.itos == list(fastai.vocab)
-    assert tokenizer(list(dataset[spec.text_key]))["input_ids"] == [fastai.train[i][0].tolist() for i in range(len(articles))]
+    assert tokenizer(list(dataset[spec.text_key]))["input_ids"] == [
+        fastai.train[i][0].tolist() for i in range(len(articles))
+    ]
     assert fastai.train[0][0][:3].tolist() == tokenizer.convert_tokens_to_ids(["xxbos", "xxfld", "1"])
 
 

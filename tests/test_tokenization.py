@@ -15,7 +15,6 @@ import pytest
 from modeling_awd_lstm.tokenization_awd_lstm import FASTAI_SPECIAL_TOKENS, AwdLstmTokenizer
 from ulmfit.tokenizer_training import iter_texts, make_vocab, train_fastai_tokenizer, train_subword_tokenizer
 
-
 DEMO_DATA = Path(__file__).resolve().parents[1] / "training" / "demo_data"
 
 

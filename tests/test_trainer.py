@@ -11,10 +11,19 @@ import pytest
 import torch
 from transformers import TrainerCallback, TrainingArguments
 
-from modeling_awd_lstm import AwdLstmConfig, AwdLstmForCausalLM, AwdLstmForSequenceClassification
-from modeling_awd_lstm import modeling_awd_lstm
-from scripts.ulmfit_tiny import single_thread  # noqa: F401  (a fixture, used by pytestmark)
-from scripts.ulmfit_tiny import classification_dataset, lm_corpus, tiny_config, word_tokenizer
+from modeling_awd_lstm import (
+    AwdLstmConfig,
+    AwdLstmForCausalLM,
+    AwdLstmForSequenceClassification,
+    cpu_has_bf16_kernels,
+)
+from scripts.ulmfit_tiny import (
+    classification_dataset,
+    lm_corpus,
+    single_thread,  # noqa: F401  (a fixture, used by pytestmark)
+    tiny_config,
+    word_tokenizer,
+)
 from ulmfit.data import LanguageModelingStream, SortedBatchSampler
 from ulmfit.trainer import COMPLETE_MARK, ULMFiTTrainer, ULMFiTTrainingArguments, last_complete_checkpoint
 
@@ -272,7 +281,7 @@ def test_a_crash_while_saving_leaves_no_checkpoint_to_resume(tokenizer, corpus, 
 # Mixed precision, arguments
 # ----------------------------------------------------------------------------------------------------------------------
 def test_bf16_on_cpu_trains_and_evaluates_under_autocast(tokenizer, corpus, eval_corpus, tmp_path, bf16_kernels):
-    has_kernels = modeling_awd_lstm.cpu_has_bf16_kernels()
+    has_kernels = cpu_has_bf16_kernels()
     bf16_kernels(True)  # training in bf16 runs on any CPU (stepwise, and slowly, without the kernels)
     model = lm_model(tokenizer)
     lstm_dtypes, decoder_dtypes = [], []

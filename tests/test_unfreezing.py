@@ -6,14 +6,19 @@ from torch import nn
 from transformers import TrainerCallback
 
 from modeling_awd_lstm import AwdLstmForSequenceClassification
-from scripts.ulmfit_tiny import single_thread  # noqa: F401  (a fixture, used by pytestmark)
-from scripts.ulmfit_tiny import classification_dataset, tiny_config, word_tokenizer
+from scripts.ulmfit_tiny import (
+    classification_dataset,
+    single_thread,  # noqa: F401  (a fixture, used by pytestmark)
+    tiny_config,
+    word_tokenizer,
+)
 from ulmfit.optim import layer_groups
 from ulmfit.trainer import ULMFiTTrainer, ULMFiTTrainingArguments
 from ulmfit.unfreezing import GradualUnfreezingCallback, parse_unfreeze_schedule, set_trainable_groups
 
-
 pytestmark = pytest.mark.usefixtures("single_thread")
+
+
 @pytest.fixture(scope="module")
 def tokenizer(imdb_texts):
     return word_tokenizer(imdb_texts, vocab_size=500)

@@ -103,7 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_recipe_arguments(parser: argparse.ArgumentParser, trains: bool = True) -> None:
-    parser.add_argument("recipe", nargs="?", default="demo", help="Recipe file, or a shipped recipe name (default: demo).")
+    parser.add_argument(
+        "recipe", nargs="?", default="demo", help="Recipe file, or a shipped recipe name (default: demo)."
+    )
     parser.add_argument("--output-dir", default=None, help="Where stage folders go (default: the recipe's output_dir).")
     parser.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -115,7 +117,9 @@ def _add_recipe_arguments(parser: argparse.ArgumentParser, trains: bool = True) 
     )
     if not trains:
         return
-    parser.add_argument("--push", action="store_true", default=None, help="Push each stage to the Hub (recipe: hub.push).")
+    parser.add_argument(
+        "--push", action="store_true", default=None, help="Push each stage to the Hub (recipe: hub.push)."
+    )
     parser.add_argument(
         "--overwrite", action="store_true",
         help="Train stages that already finished again, replacing their folders (finished stages are otherwise kept).",
@@ -374,7 +378,11 @@ def command_generate(args: argparse.Namespace) -> int:
     check_model_folder(model)
     torch.manual_seed(args.seed)
     generator = pipeline("text-generation", model=model, trust_remote_code=True)
-    sampling = {"do_sample": False} if args.greedy else {"do_sample": True, "temperature": args.temperature, "top_k": args.top_k}
+    sampling = (
+        {"do_sample": False}
+        if args.greedy
+        else {"do_sample": True, "temperature": args.temperature, "top_k": args.top_k}
+    )
     result = generator(args.prompt, max_new_tokens=args.max_new_tokens, **sampling)
     print(result[0]["generated_text"])
     return 0

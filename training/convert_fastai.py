@@ -53,7 +53,6 @@ from modeling_awd_lstm.tokenization_awd_lstm import (
     lowercase,
 )
 
-
 logger = logging.get_logger(__name__)
 
 

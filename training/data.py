@@ -33,12 +33,11 @@ import torch
 from datasets.arrow_writer import SchemaInferenceError
 from datasets.fingerprint import Hasher
 from transformers import PreTrainedTokenizerBase
-
-from modeling_awd_lstm.tokenization_awd_lstm import FLD
 from transformers.utils import logging
 
-from .tokenizer_training import PARALLEL_MIN_DOCUMENTS
+from modeling_awd_lstm.tokenization_awd_lstm import FLD
 
+from .tokenizer_training import PARALLEL_MIN_DOCUMENTS
 
 logger = logging.get_logger(__name__)
 
@@ -270,7 +269,9 @@ def _load_local(builder: str, path: str | list[str], spec: DataSpec, **options) 
                 "encoding (e.g. 'latin-1')."
             ) from error
         if isinstance(cause, pa.ArrowInvalid):
-            raise DataValidationError(f"{spec.path!r} could not be read as {builder}: {cause}. Fix or remove that row.") from error
+            raise DataValidationError(
+                f"{spec.path!r} could not be read as {builder}: {cause}. Fix or remove that row."
+            ) from error
         raise
 
 

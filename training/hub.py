@@ -24,7 +24,9 @@ CURVES_FILE = "training_curves.png"
 CARD_TEMPLATE = Path(__file__).resolve().parent.parent / "model_card.md"
 
 # The project's own code, which `trust_remote_code=True` loads; no other Python file is ever uploaded.
-MODEL_CODE_FILES = ("configuration_awd_lstm.py", "modeling_awd_lstm.py", "tokenization_awd_lstm.py")
+MODEL_CODE_FILES = (
+    "configuration_awd_lstm.py", "modeling_awd_lstm.py", "kernels_awd_lstm.py", "tokenization_awd_lstm.py"
+)
 # Top-level files only: weights, configs, tokenizer files, the card, the curves and the model code. Sub-folders
 # (Trainer checkpoints) and stray scripts stay local.
 PUSHED_FILES = (

@@ -15,7 +15,6 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-
 # fastai's `norm_types`: their parameters take no weight decay and stay trainable in frozen groups (`train_bn`).
 NORM_TYPES = (
     nn.BatchNorm1d,

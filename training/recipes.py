@@ -11,10 +11,10 @@ import json
 import os
 import types
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from collections.abc import Mapping
 from typing import Any, Literal
 
 import yaml
@@ -121,7 +121,9 @@ class Recipe:
 # ----------------------------------------------------------------------------------------------------------------------
 def available_recipes() -> list[str]:
     """Names of the recipes shipped in `hub_configs/`."""
-    return sorted(Path(p).stem for p in resources.files(RECIPES_PACKAGE).iterdir() if str(p).endswith((".yaml", ".json")))
+    return sorted(
+        Path(p).stem for p in resources.files(RECIPES_PACKAGE).iterdir() if str(p).endswith((".yaml", ".json"))
+    )
 
 
 def load_recipe(
@@ -165,7 +167,8 @@ def _resolve_recipe_path(name_or_path: str) -> Path:
         if shipped.is_file():
             return Path(str(shipped))
     raise RecipeError(
-        f"No recipe file {name_or_path!r}, and no shipped recipe of that name (shipped: {', '.join(available_recipes())})."
+        f"No recipe file {name_or_path!r}, and no shipped recipe of that name"
+        f" (shipped: {', '.join(available_recipes())})."
     )
 
 
@@ -196,7 +199,10 @@ def _build(cls: type, values: Any, where: str) -> Any:
     unknown = sorted(set(values) - set(fields))
     if unknown:
         raise RecipeError(f"Unknown key {_join(where, unknown[0])!r}; valid keys here: {', '.join(sorted(fields))}.")
-    missing = [n for n, f in fields.items() if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING and n not in values]
+    missing = [
+        n for n, f in fields.items()
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING and n not in values
+    ]
     if missing:
         raise RecipeError(f"Missing key {_join(where, missing[0])!r}.")
     kwargs = {name: _convert(hints[name], value, _join(where, name)) for name, value in values.items()}
@@ -237,7 +243,9 @@ def _convert(annotation: Any, value: Any, where: str) -> Any:
             return float(value)
         except ValueError:
             pass
-    if annotation in (int, float, str, bool) and (not isinstance(value, annotation) or (annotation is int and isinstance(value, bool))):
+    if annotation in (int, float, str, bool) and (
+        not isinstance(value, annotation) or (annotation is int and isinstance(value, bool))
+    ):
         raise RecipeError(f"`{where}` must be {annotation.__name__}, got {value!r} ({type(value).__name__}).")
     return value
 
@@ -260,7 +268,9 @@ def _check_recipe(
             raise RecipeError(f"`{where}.parent` names stage {stage.parent!r}, which this recipe does not define.")
         if stage.parent is not None and stage.parent in STAGE_ORDER:
             if STAGE_ORDER.index(stage.parent) >= STAGE_ORDER.index(stage_name):
-                raise RecipeError(f"`{where}.parent` must be an earlier stage than {stage_name!r}, got {stage.parent!r}.")
+                raise RecipeError(
+                    f"`{where}.parent` must be an earlier stage than {stage_name!r}, got {stage.parent!r}."
+                )
         if stage_name == "classifier" and stage.data.label_column is None:
             raise RecipeError(f"`{where}.data.label_column` is required for the classifier stage.")
         if not 0.0 <= stage.eval_fraction < 1.0:
@@ -308,4 +318,6 @@ def resolve_data_path(path: str, recipe_dir: Path) -> str:
     return str(expanded)
 
 
-__all__ = ["Recipe", "RecipeError", "StageSpec", "TokenizerSpec", "ModelSpec", "HubSpec", "load_recipe", "available_recipes"]
+__all__ = [
+    "Recipe", "RecipeError", "StageSpec", "TokenizerSpec", "ModelSpec", "HubSpec", "load_recipe", "available_recipes"
+]

@@ -23,7 +23,6 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from .optim import discriminative_learning_rates, even_mults
 
-
 # fastai's `Learner.moms`: beta1 goes 0.95 -> 0.85 -> 0.95 over a one-cycle.
 ONE_CYCLE_MOMS = (0.95, 0.85, 0.95)
 

@@ -23,11 +23,11 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase, set_seed
 from modeling_awd_lstm import AwdLstmConfig, AwdLstmForCausalLM, AwdLstmForSequenceClassification, AwdLstmTokenizer
 
 from .data import (
+    REGRESSION,
+    SINGLE_LABEL,
     ClassificationCollator,
     DataSpec,
     TokenizedCorpus,
-    REGRESSION,
-    SINGLE_LABEL,
     encode_targets,
     join_text_fields,
     load_data,
@@ -36,13 +36,14 @@ from .data import (
     validate_dataset,
 )
 from .hub import CURVES_FILE, STAGE_FILE, StageRecord, push_stage, render_model_card
-from .metrics import HEADLINE_METRICS, classification_compute_metrics
 from .lr_finder import RangeTest, find_learning_rate
+from .metrics import HEADLINE_METRICS, classification_compute_metrics
 from .plots import plot_training_curves
 from .pretrained import PREFIX as PRETRAINED_PREFIX
 from .pretrained import model_location
 from .recipes import STAGE_ORDER, Recipe, RecipeError, StageSpec, TokenizerSpec
 from .tokenizer_training import train_fastai_tokenizer, train_subword_tokenizer
+from .trainer import ULMFiTTrainer, ULMFiTTrainingArguments, last_complete_checkpoint
 
 FIND_LEARNING_RATE = "find"  # `learning_rate: find` in a stage's training
 LR_FIND_FILE, LR_FIND_PLOT = "lr_find.json", "lr_find.png"
@@ -50,7 +51,6 @@ LR_FIND_FILE, LR_FIND_PLOT = "lr_find.json", "lr_find.png"
 # Stages keep fp32 weights (bf16 runs under autocast): a parent stored in bf16, as shipped models are, is upcast rather
 # than loaded in the dtype its config records, which transformers would otherwise keep.
 TRAINING_DTYPE = torch.float32
-from .trainer import ULMFiTTrainer, ULMFiTTrainingArguments, last_complete_checkpoint
 
 
 @dataclass
@@ -175,7 +175,9 @@ def reused_result(stage_name: str, folder: Path) -> StageResult:
                        tokens_per_second=0.0, baselines=record.baselines, status="reused")
 
 
-def resolve_parent(recipe: Recipe, stage: StageSpec, output_dir: Path, parent_override: str | None = None) -> str | None:
+def resolve_parent(
+    recipe: Recipe, stage: StageSpec, output_dir: Path, parent_override: str | None = None
+) -> str | None:
     """A local folder or Hub repository id for the stage's parent."""
     parent = parent_override or stage.parent
     if parent is None:
@@ -273,8 +275,12 @@ def _read(
 
 def build_tokenizer(spec: TokenizerSpec, dataset, text_column: str) -> PreTrainedTokenizerBase:
     if spec.kind == "fastai":
-        return train_fastai_tokenizer(dataset, max_vocab=spec.max_vocab, min_freq=spec.min_freq, text_column=text_column)
-    return train_subword_tokenizer(dataset, vocab_size=spec.vocab_size, model=spec.subword_model, text_column=text_column)
+        return train_fastai_tokenizer(
+            dataset, max_vocab=spec.max_vocab, min_freq=spec.min_freq, text_column=text_column
+        )
+    return train_subword_tokenizer(
+        dataset, vocab_size=spec.vocab_size, model=spec.subword_model, text_column=text_column
+    )
 
 
 def check_training_arguments(recipe: Recipe, overrides: dict | None = None) -> None:
@@ -521,7 +527,9 @@ def _prepare_data(
     train = _read(spec.data, max_documents=spec.max_documents, **reading)
     train, held_out = _split_eval(train, spec, seed)
     evaluation = (
-        _read(spec.eval_data, max_documents=spec.max_eval_documents, **reading) if spec.eval_data is not None else held_out
+        _read(spec.eval_data, max_documents=spec.max_eval_documents, **reading)
+        if spec.eval_data is not None
+        else held_out
     )
     test = _read(spec.test_data, **reading) if spec.test_data is not None and is_classifier else None
     if tokenizer is None:
@@ -555,7 +563,9 @@ def _tfidf_baseline(spec: StageSpec, train, evaluation, test, seed: int) -> dict
     """TF-IDF + logistic regression fit on the classifier's own training split, scored where the classifier is."""
     from .baselines import tfidf_logreg
 
-    scored_spec, prefix = (spec.test_data, "test") if spec.test_data is not None else (spec.eval_data or spec.data, "eval")
+    scored_spec, prefix = (
+        (spec.test_data, "test") if spec.test_data is not None else (spec.eval_data or spec.data, "eval")
+    )
     scored = test if spec.test_data is not None else evaluation
     if scored is None:
         return {}
@@ -701,14 +711,18 @@ def _hyperparameters(model, args) -> dict:
         "unfreeze_schedule", "lm_bptt", "lm_variable_bptt", "bf16",
     ]
     values = {name: getattr(args, name) for name in names if hasattr(args, name)}
-    values.update({name: round(getattr(config, name), 4) for name in ("output_p", "hidden_p", "input_p", "embed_p", "weight_p")})
+    values.update(
+        {name: round(getattr(config, name), 4) for name in ("output_p", "hidden_p", "input_p", "embed_p", "weight_p")}
+    )
     values.update(ar_alpha=config.ar_alpha, tar_beta=config.tar_beta)
     return values
 
 
 def _provenance(spec: StageSpec) -> list[dict[str, str]]:
     sources = []
-    for role, data in (("training data", spec.data), ("evaluation data", spec.eval_data), ("test data", spec.test_data)):
+    for role, data in (
+        ("training data", spec.data), ("evaluation data", spec.eval_data), ("test data", spec.test_data)
+    ):
         if data is None:
             continue
         # A local file, folder or glob; a Hub dataset id matches nothing.
@@ -729,7 +743,10 @@ def _provenance(spec: StageSpec) -> list[dict[str, str]]:
 def _model_summary(model) -> str:
     c = model.config
     params = sum(p.numel() for p in model.parameters())
-    return f"AWD-LSTM, vocab {c.vocab_size}, embedding {c.emb_size}, {c.num_layers} LSTM layers of {c.hidden_size}, {params / 1e6:.1f}M parameters"
+    return (
+        f"AWD-LSTM, vocab {c.vocab_size}, embedding {c.emb_size}, {c.num_layers} LSTM layers of {c.hidden_size},"
+        f" {params / 1e6:.1f}M parameters"
+    )
 
 
 
@@ -741,7 +758,9 @@ def summarize(recipe: Recipe, results: list[StageResult]) -> str:
     lines.append(f"| stage | {'metric':<28} | {'time':>8} | {'tokens/s':>9} | {'weights':<28} | saved to / pushed to |")
     lines.append(f"|---|{'-' * 30}|{'-' * 10}|{'-' * 11}|{'-' * 30}|---|")
     for result in results:
-        metric = ", ".join(f"{name} {value:.4g}" for name, value in result.metrics.items() if not name.endswith("error_rate"))
+        metric = ", ".join(
+            f"{name} {value:.4g}" for name, value in result.metrics.items() if not name.endswith("error_rate")
+        )
         where = result.folder + (f" -> {result.pushed_to}" if result.pushed_to else "")
         status = "reused (finished earlier)" if result.status == "reused" else result.status
         seconds, speed = (("-", "-") if result.status == "reused"

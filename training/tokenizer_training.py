@@ -34,7 +34,6 @@ from modeling_awd_lstm.tokenization_awd_lstm import (
     AwdLstmTokenizer,
 )
 
-
 # Subword tokenizers keep fastai's ids for the four roles, so an AWD-LSTM config's pad/bos/eos ids fit both kinds.
 SUBWORD_SPECIAL_TOKENS = [UNK, PAD, BOS, EOS]
 

@@ -27,15 +27,13 @@ from transformers import Trainer, TrainerCallback, TrainingArguments, get_schedu
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import logging
 
-from modeling_awd_lstm import AwdLstmCache, AwdLstmForSequenceClassification
-from modeling_awd_lstm import modeling_awd_lstm as awd_lstm_modeling
+from modeling_awd_lstm import AwdLstmCache, AwdLstmForSequenceClassification, kernels_awd_lstm
 
 from .data import ClassificationCollator, LanguageModelingStream, SortedBatchSampler, TokenizedCorpus
 from .metrics import load_metric
 from .optim import LearningRates, create_optimizer
 from .schedules import get_fine_tune_schedule, get_one_cycle_schedule, get_stlr_schedule
 from .unfreezing import GradualUnfreezingCallback, parse_unfreeze_schedule, set_trainable_groups
-
 
 SCHEDULES = ("stlr", "one_cycle", "fine_tune", "constant", "cosine")
 RECURRENT_STATE_NAME = "recurrent_state"
@@ -173,7 +171,7 @@ class ULMFiTTrainingArguments(TrainingArguments):
             # A recipe written for GPUs still runs here: bf16 on a CPU-only machine is CPU autocast, which
             # transformers only allows with `use_cpu`.
             self.use_cpu = True
-        if self.bf16 and self.use_cpu and not awd_lstm_modeling.cpu_has_bf16_kernels():
+        if self.bf16 and self.use_cpu and not kernels_awd_lstm.cpu_has_bf16_kernels():
             logger.warning(
                 "bf16 was asked for, but this CPU has no bf16 kernels (AVX-512 or AMX): bf16 autocast would run "
                 "hundreds of times slower than fp32 here, so this run trains in fp32."

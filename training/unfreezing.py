@@ -21,7 +21,6 @@ from transformers.utils import logging
 
 from .optim import layer_groups, norm_parameter_ids
 
-
 logger = logging.get_logger(__name__)
 
 # `(start, num_trainable)`: from epoch (or step) `start` on, the top `num_trainable` layer groups train; None = all.

@@ -15,12 +15,11 @@ import sys
 import torch
 import torch.distributed as dist
 
-from ulmfit_tiny import imdb_texts, lm_corpus, tiny_config, word_tokenizer
-
 from modeling_awd_lstm import AwdLstmForCausalLM
 from ulmfit.cli import leave_process_group
 from ulmfit.optim import layer_groups
 from ulmfit.trainer import ULMFiTTrainer, ULMFiTTrainingArguments
+from ulmfit_tiny import imdb_texts, lm_corpus, tiny_config, word_tokenizer
 
 
 def gather(value):

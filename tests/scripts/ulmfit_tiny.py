@@ -14,7 +14,6 @@ if str(TESTS_DIR) not in sys.path:  # scripts run by `accelerate launch` start i
     sys.path.insert(0, str(TESTS_DIR))
 
 from conftest import read_imdb  # noqa: E402
-
 from modeling_awd_lstm import AwdLstmConfig  # noqa: E402
 from ulmfit.data import TokenizedCorpus, tokenize_for_classification, tokenize_for_lm  # noqa: E402
 

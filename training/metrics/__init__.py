@@ -11,7 +11,6 @@ import evaluate
 import numpy as np
 from transformers import EvalPrediction
 
-
 METRICS_DIR = Path(__file__).resolve().parent
 AVAILABLE_METRICS = ("accuracy", "f1", "error_rate", "perplexity")
 CLASSIFICATION_METRICS = ("accuracy", "f1", "error_rate")

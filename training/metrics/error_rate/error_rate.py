@@ -4,7 +4,6 @@ import datasets
 import evaluate
 import numpy as np
 
-
 _DESCRIPTION = """
 Error rate is the proportion of wrong predictions among all predictions, 1 - accuracy. The ULMFiT paper
 (Howard & Ruder, 2018) reports its classification results as error rates.

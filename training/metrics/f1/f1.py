@@ -4,7 +4,6 @@ import datasets
 import evaluate
 import numpy as np
 
-
 _DESCRIPTION = """
 Macro F1 averages the F1 score of every class with equal weight, so rare classes count as much as
 frequent ones. Per class, F1 = 2 * TP / (2 * TP + FP + FN). As in scikit-learn's

@@ -4,7 +4,6 @@ import datasets
 import evaluate
 import numpy as np
 
-
 _DESCRIPTION = """
 Perplexity is exp(mean cross-entropy), the cross-entropy being measured in nats per predicted token.
 Give one loss per evaluation batch; with `num_tokens` the batch losses are averaged weighted by the
