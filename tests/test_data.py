@@ -1,4 +1,5 @@
-"""Tests for the data pipeline (`training/data.py`), on the real text bundled in `training/demo_data/`."""
+"""Tests for the data pipeline (`training/data/`, imported as `ulmfit.data`), on the real text bundled in
+`training/demo_data/`."""
 
 import gzip
 import json

@@ -24,9 +24,9 @@ def test_the_wheel_installs_only_modeling_awd_lstm_and_ulmfit(tmp_path):
     top_level = {name.split("/")[0] for name in files if not name.split("/")[0].endswith(".dist-info")}
     assert top_level == {"modeling_awd_lstm", "ulmfit"}
     # The folders of the layout arrive under `ulmfit`: recipes, bundled data, metrics and the shipped model.
-    for name in ("ulmfit/cli.py", "ulmfit/hub_configs/demo.yaml", "ulmfit/demo_data/imdb_train.jsonl.gz",
-                 "ulmfit/metrics/accuracy/accuracy.py", "ulmfit/pretrained/en/model.safetensors",
-                 "modeling_awd_lstm/modeling_awd_lstm.py"):
+    for name in ("ulmfit/cli.py", "ulmfit/data/sources.py", "ulmfit/hub_configs/demo.yaml",
+                 "ulmfit/demo_data/imdb_train.jsonl.gz", "ulmfit/metrics/accuracy/accuracy.py",
+                 "ulmfit/pretrained/en/model.safetensors", "modeling_awd_lstm/kernels_awd_lstm.py"):
         assert name in files, name
     entry_points = next(name for name in files if name.endswith(".dist-info/entry_points.txt"))
     assert "ulmfit = ulmfit.cli:main" in wheel.read(entry_points).decode()

@@ -169,9 +169,10 @@ def _result(record: StageRecord, metric: str, value: float) -> dict[str, object]
     return dict(split=split, metric=name, value=float(value), dataset=dataset, dataset_id=dataset_id)
 
 
-def write_model_card(folder: str | Path, repo_id: str) -> ModelCard:
-    """Renders the card of the stage in `folder` for `repo_id` and saves it as the folder's README.md."""
-    card = render_model_card(StageRecord.load(folder), repo_id, folder)
+def write_model_card(folder: str | Path, repo_id: str, record: StageRecord | None = None) -> ModelCard:
+    """Renders the card of the stage in `folder` (its `record`, by default the one saved there) for `repo_id` and
+    saves it as the folder's README.md."""
+    card = render_model_card(record or StageRecord.load(folder), repo_id, folder)
     card.save(Path(folder, "README.md"))
     return card
 

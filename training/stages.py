@@ -35,7 +35,7 @@ from .data import (
     tokenize_for_lm,
     validate_dataset,
 )
-from .hub import CURVES_FILE, STAGE_FILE, StageRecord, push_stage, render_model_card
+from .hub import CURVES_FILE, STAGE_FILE, StageRecord, push_stage, write_model_card
 from .lr_finder import RangeTest, find_learning_rate
 from .metrics import HEADLINE_METRICS, classification_compute_metrics
 from .plots import plot_training_curves
@@ -408,7 +408,7 @@ def run_stage(
         model_summary=_model_summary(model),
         notes=notes,
     )
-    render_model_card(record, repo_id or record.model_name, folder).save(folder / "README.md")
+    write_model_card(folder, repo_id or record.model_name, record)
     record.save(folder)  # last: the record marks the stage finished
     if (recipe.hub.push if push is None else push) and repo_id:
         result.pushed_to = push_stage(folder, repo_id, token=token, tag=recipe.hub.tag, private=recipe.hub.private)

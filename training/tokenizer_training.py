@@ -10,7 +10,6 @@ Both take the corpus as a `datasets.Dataset` (with a text column), an iterable o
 gzip; one document per non-blank line).
 """
 
-import gzip
 import itertools
 import multiprocessing
 import os
@@ -19,7 +18,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Literal
 
-from datasets import Dataset, DatasetDict, IterableDataset, IterableDatasetDict
+from datasets import Dataset, DatasetDict, IterableDataset, IterableDatasetDict, concatenate_datasets
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerFast
@@ -34,16 +33,11 @@ from modeling_awd_lstm.tokenization_awd_lstm import (
     AwdLstmTokenizer,
 )
 
+from .data import DataSpec, load_data
+from .data.lm_streams import PARALLEL_MIN_DOCUMENTS
+
 # Subword tokenizers keep fastai's ids for the four roles, so an AWD-LSTM config's pad/bos/eos ids fit both kinds.
 SUBWORD_SPECIAL_TOKENS = [UNK, PAD, BOS, EOS]
-
-
-def _read_text_file(path: Path, encoding: str) -> Iterator[tuple[str, str]]:
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding=encoding) as f:
-        for line_number, line in enumerate(f, start=1):
-            if line.strip():
-                yield f"{path}, line {line_number}", line.rstrip("\n")
 
 
 def _documents(source, text_column: str, encoding: str) -> tuple[Iterator[tuple[str, object]], int | None]:
@@ -66,7 +60,8 @@ def _documents(source, text_column: str, encoding: str) -> tuple[Iterator[tuple[
         missing = [str(p) for p in source if not Path(p).is_file()]
         if missing:
             raise FileNotFoundError(f"No such text file(s): {missing}. Pass existing plain or .gz text files.")
-        return (pair for path in source for pair in _read_text_file(Path(path), encoding)), None
+        files = [load_data(DataSpec(path=str(path), format="text", encoding=encoding)) for path in source]
+        return _documents(concatenate_datasets(files), "text", encoding)
 
     if isinstance(source, Iterable):
         total = len(source) if hasattr(source, "__len__") else None
@@ -148,9 +143,7 @@ def train_fastai_tokenizer(
     return AwdLstmTokenizer(vocab=make_vocab(counter, min_freq=min_freq, max_vocab=max_vocab), lang=lang)
 
 
-# Above this many documents a corpus is tokenized by one process per core (here, and for its ids in
-# `ulmfit.data.tokenize_for_lm`); counting goes in chunks of this many documents.
-PARALLEL_MIN_DOCUMENTS = 20_000
+# Counting goes in chunks of this many documents (one process per core above `PARALLEL_MIN_DOCUMENTS`).
 COUNTING_CHUNK_DOCUMENTS = 200
 _worker_tokenizer: AwdLstmTokenizer | None = None
 
