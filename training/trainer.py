@@ -454,6 +454,10 @@ class ULMFiTTrainer(Trainer):
 
     def create_scheduler(self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None):
         if self.lr_scheduler is None:
+            # The Trainer's own scheduler first, for its bookkeeping (a scheduler it made is dropped after `train()`),
+            # then the ULMFiT one in its place: both are LambdaLRs over the same base rates, so the last one built sets
+            # every group's rate.
+            super().create_scheduler(num_training_steps, optimizer)
             args = self.args
             optimizer = optimizer if optimizer is not None else self.optimizer
             if args.ulmfit_schedule == "stlr":
@@ -478,7 +482,6 @@ class ULMFiTTrainer(Trainer):
                     num_training_steps=num_training_steps,
                 )
             self.lr_scheduler = scheduler
-            self._created_lr_scheduler = True
         return self.lr_scheduler
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
@@ -515,7 +518,8 @@ class ULMFiTTrainer(Trainer):
             set_trainable_groups(self.model, None)
         if self.args.world_size > 1 and self.model_wrapped is self.model:
             # An `evaluate()` before training prepared the model for evaluation, and accelerate then marks it as
-            # prepared: training would skip the DDP wrap and each process would train its own copy. Let it wrap.
+            # prepared: training would skip the DDP wrap and each process would train its own copy. Let it wrap
+            # (neither accelerate nor the Trainer has a public way to undo the mark).
             self.model._is_accelerate_prepared = False
         return super().train(resume_from_checkpoint, trial, ignore_keys_for_eval, **kwargs)
 
