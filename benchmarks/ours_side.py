@@ -1,16 +1,23 @@
-"""This package's side of every benchmark: the transformers models with plain PyTorch loops, `generate` and
-`pipeline`, starting from fastai's initial weights through `convert_fastai_state_dict`."""
+"""This package's side of every benchmark, starting from fastai's initial weights through `convert_fastai_state_dict`:
+LM training through `ULMFiTTrainer`, the classifier in a plain PyTorch loop, inference in batches and through
+`pipeline`, generation through `generate`."""
 
+import tempfile
 import warnings
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import TrainerCallback
 
 from modeling_awd_lstm import AwdLstmConfig, AwdLstmForCausalLM, AwdLstmForSequenceClassification
 from ulmfit.convert_fastai import convert_fastai_state_dict
+from ulmfit.data import TokenizedCorpus
+from ulmfit.optim import create_optimizer
+from ulmfit.trainer import ULMFiTTrainer, ULMFiTTrainingArguments
 
-from .data import Prepared, lm_batches, sorted_batches
+from .data import Prepared, lm_batches, lm_stream, sorted_batches
 from .measure import BatchClock, Stopwatch, autocast, nll_to_ppl
 from .settings import Settings
 
@@ -30,24 +37,6 @@ def _load(model: nn.Module, path, expected_kind: str) -> nn.Module:
         raise ValueError(f"{path} holds a fastai {kind}, expected a {expected_kind}.")
     model.load_state_dict(state_dict, strict=True)
     return model
-
-
-def fastai_like_adamw(model: nn.Module, lr: float) -> torch.optim.Optimizer:
-    """fastai's default optimizer as torch's fused AdamW (the transformers Trainer's default): betas (0.9, 0.99),
-    eps 1e-5, decoupled weight decay 0.01, none on normalization parameters nor on `.bias` attributes (fastai's
-    `norm_bias_params`)."""
-    no_decay: set[int] = set()
-    for module in model.modules():
-        if isinstance(module, nn.modules.batchnorm._NormBase | nn.LayerNorm):
-            no_decay.update(id(p) for p in module.parameters())
-        elif isinstance(getattr(module, "bias", None), nn.Parameter):
-            no_decay.add(id(module.bias))
-    params = list(model.parameters())
-    groups = [
-        {"params": [p for p in params if id(p) not in no_decay], "weight_decay": 0.01},
-        {"params": [p for p in params if id(p) in no_decay], "weight_decay": 0.0},
-    ]
-    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.99), eps=1e-5, fused=True)
 
 
 def _tokenizer(vocab: list[str]):
@@ -71,28 +60,43 @@ def _pad_right(docs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
 # ----------------------------------------------------------------------------------------------------------------------
 # 1. Language-model training (and perplexity after it)
 # ----------------------------------------------------------------------------------------------------------------------
+class StepClock(TrainerCallback):
+    """Wall and CPU time of every optimizer step of a `Trainer`, from the end of one step to the end of the next: the
+    batch, forward, backward, optimizer and callbacks, all a step costs."""
+
+    def __init__(self, tokens_per_step: int):
+        self.clock, self.tokens_per_step = BatchClock(), tokens_per_step
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.clock.start()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.clock.stop(docs=0, tokens=self.tokens_per_step)
+        self.clock.start()
+
+
 def lm_train(spec: dict, settings: Settings, data: dict, prepared: Prepared) -> dict:
+    """LM training as a user runs it: `ULMFiTTrainer` with the package's optimizer factory, on the documents that
+    fastai's side reads (the Trainer's stream shuffles them), at fastai's optimizer settings and one constant rate."""
     vocab, batch_size, bptt = spec["vocab"], spec["batch_size"], settings.bptt
     n_batches = spec["warmup"] + spec["timed"]
-    batches = lm_batches(data["lm"][vocab]["train_docs"], batch_size, bptt, n_batches)
+    docs = [doc.numpy() for doc in lm_stream(data["lm"][vocab]["train_docs"], batch_size * n_batches * bptt + 1)]
+    corpus = TokenizedCorpus(np.concatenate(docs), np.cumsum([0] + [len(doc) for doc in docs]))
     model = _load(
         AwdLstmForCausalLM(AwdLstmConfig(vocab_size=vocab, **_shape(settings))), prepared.lm_init[vocab], "lm"
     )
-    model.train()
-    optimizer = fastai_like_adamw(model, settings.lr)
-    clock, cache = BatchClock(), None
-    torch.manual_seed(settings.seed)
-    for x, y in batches:
-        clock.start()
-        with autocast(spec["precision"]):
-            out = model(x, cache=cache, shift_labels=y)
-        out.loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        cache = out.cache.detach()
-        del out  # the logits are not kept into the next step
-        clock.stop(docs=0, tokens=x.numel())
-    result = {"steps": clock.after(spec["warmup"]), "tokens_per_batch": batch_size * bptt}
+    step_clock = StepClock(tokens_per_step=batch_size * bptt)
+    with tempfile.TemporaryDirectory() as output_dir:
+        args = ULMFiTTrainingArguments(
+            output_dir=output_dir, max_steps=n_batches, per_device_train_batch_size=batch_size, lm_bptt=bptt,
+            learning_rate=settings.lr, ulmfit_schedule="constant", discriminative_lr_factor=1.0,
+            adam_beta1=0.9, adam_beta2=0.99,  # fastai's Adam (its text learners' one-cycle moves beta1 below 0.9)
+            bf16=spec["precision"] == "bf16", max_grad_norm=0.0,  # fastai clips nothing
+            save_strategy="no", logging_strategy="no", report_to="none", disable_tqdm=True, seed=settings.seed,
+        )
+        ULMFiTTrainer(model=model, args=args, train_dataset=corpus, callbacks=[step_clock]).train()
+    result = {"steps": step_clock.clock.after(spec["warmup"]), "tokens_per_batch": batch_size * bptt,
+              "path": "ULMFiTTrainer + ULMFiTOptimizerFactory"}
     if spec["eval_batches"]:
         result["valid_ppl"] = _lm_perplexity(model, data["lm"][vocab]["valid_docs"], settings, spec)
     return result
@@ -125,7 +129,8 @@ def _classifier(settings: Settings, prepared: Prepared) -> AwdLstmForSequenceCla
 def clas_train(spec: dict, settings: Settings, data: dict, prepared: Prepared) -> dict:
     docs, labels = data["clas_train"]["ids"], data["clas_train"]["labels"]
     model = _classifier(settings, prepared).train()
-    optimizer = fastai_like_adamw(model, settings.lr)
+    # The package's optimizer at fastai's Adam settings, one rate for every layer group.
+    optimizer = create_optimizer(model, settings.lr, discriminative_factor=1.0, betas=(0.9, 0.99))
     clock = BatchClock()
     torch.manual_seed(settings.seed)
     for batch in sorted_batches([len(d) for d in docs], settings.clas_train_batch_size, shuffle_seed=settings.seed):

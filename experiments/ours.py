@@ -20,10 +20,11 @@ from ulmfit.convert_fastai import transfer_vocab
 from ulmfit.data import TokenizedCorpus, encode_labels, tokenize_for_classification, tokenize_for_lm
 from ulmfit.hub import STAGE_FILE, StageRecord
 from ulmfit.recipes import Recipe, load_recipe
+from ulmfit.stages import TRAINING_DTYPE
 from ulmfit.tokenizer_training import train_fastai_tokenizer
 from ulmfit.trainer import ULMFiTTrainer, ULMFiTTrainingArguments
 
-from .settings import TaskSettings
+from .settings import DIFFERENCES_FROM_ULMFIT, TaskSettings
 
 LOGGING_STEPS = 0.05  # a training-loss point every 5% of the steps
 # Stage-2 schedules (the paper's Table 6): a record's name for each, and the training arguments it sets.
@@ -63,11 +64,12 @@ def classification_data(
 # Training pieces
 # ----------------------------------------------------------------------------------------------------------------------
 def training_arguments(folder: Path, seed: int, precision: str, **values) -> ULMFiTTrainingArguments:
-    """The arguments every run here shares: no gradient clipping (fastai clips nothing by default), no checkpoints
-    (a run is redone whole), the Trainer's progress bars, non-padding tokens counted for tokens/s."""
+    """The arguments every run here shares: `DIFFERENCES_FROM_ULMFIT`, the Trainer's progress bars, non-padding
+    tokens counted for tokens/s."""
     return ULMFiTTrainingArguments(
-        output_dir=str(folder / "checkpoints"), seed=seed, bf16=precision == "bf16", max_grad_norm=0.0,
-        save_strategy="no", logging_steps=LOGGING_STEPS, report_to="none", disable_tqdm=False,
+        output_dir=str(folder / "checkpoints"), seed=seed, bf16=precision == "bf16",
+        **{name: value for name, (value, _) in DIFFERENCES_FROM_ULMFIT.items()},
+        logging_steps=LOGGING_STEPS, report_to="none", disable_tqdm=False,
         include_num_input_tokens_seen="non_padding", **values,
     )
 
@@ -77,7 +79,7 @@ def training_record(args: ULMFiTTrainingArguments) -> dict:
     return {name: getattr(args, name) for name in (
         "learning_rate", "ulmfit_schedule", "unfreeze_schedule", "discriminative_lr_factor", "stlr_cut_frac",
         "stlr_ratio", "warmup_steps", "adam_beta1", "adam_beta2", "adam_epsilon", "weight_decay",
-        "per_device_train_batch_size")}
+        "per_device_train_batch_size", "max_grad_norm")}
 
 
 def loss_curve(log_history: list[dict]) -> list[list[float]]:
@@ -120,7 +122,9 @@ def finetune_lm(
     started = time.time()
     set_seed(0)
     tokenizer = train_fastai_tokenizer(lm_texts, max_vocab=settings.max_vocab, min_freq=settings.min_freq)
-    stage1 = AwdLstmForCausalLM.from_pretrained(parent, **AwdLstmConfig.dropouts("lm", settings.lm_drop_mult))
+    stage1 = AwdLstmForCausalLM.from_pretrained(
+        parent, dtype=TRAINING_DTYPE, **AwdLstmConfig.dropouts("lm", settings.lm_drop_mult)
+    )
     model = transfer_vocab(stage1, AwdLstmTokenizer.from_pretrained(parent).itos, tokenizer.itos)
     if random_init:
         set_seed(0)
@@ -187,7 +191,8 @@ def train_classifier(
     tokenizer = AwdLstmTokenizer.from_pretrained(parent)
     id2label = dict(enumerate(label_names))
     model = AwdLstmForSequenceClassification.from_pretrained(
-        parent, num_labels=len(label_names), id2label=id2label, label2id={v: k for k, v in id2label.items()},
+        parent, dtype=TRAINING_DTYPE, num_labels=len(label_names), id2label=id2label,
+        label2id={v: k for k, v in id2label.items()},
         **AwdLstmConfig.dropouts("classifier", settings.clas_drop_mult),
     )
     if random_init:

@@ -13,7 +13,7 @@ import numpy as np  # noqa: E402
 
 from .results import load_results, now, read_json  # noqa: E402
 from .run import ABLATIONS, REPO_ROOT, timing_path  # noqa: E402
-from .settings import PAPER_ERRORS  # noqa: E402
+from .settings import DIFFERENCES_FROM_ULMFIT, PAPER_ERRORS  # noqa: E402
 
 TASK_NAMES = {"trec6": "TREC-6", "imdb": "IMDb"}
 LOWSHOT_NAMES = {"ulmfit": "ULMFiT (ours)", "ulmfit_lm_one_rate": "ULMFiT, stage 2 at one rate",
@@ -291,6 +291,9 @@ def write_report(results_dir: Path, output: Path, plots_dir: Path) -> Path:
         lines += ["**These results come from `--quick` runs (tiny models and data): their numbers mean nothing.**", ""]
     lines += [f"Written by `python -m experiments.run report` from the result files of `{_shown(results_dir)}/`; the "
               "runs and how long they take are described in `experiments/README.md`.", ""]
+    lines += ["Our side trains with `ULMFiTTrainer` as the `ulmfit` stages do, except: "
+              + "; ".join(f"`{name}={value!r}`: {why}" for name, (value, why) in DIFFERENCES_FROM_ULMFIT.items())
+              + ".", ""]
 
     compare = [t for t in TASK_NAMES if f"compare_{t}" in by_experiment]
     if compare:

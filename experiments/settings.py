@@ -17,6 +17,11 @@ TASKS = ("trec6", "imdb")
 # fastai's `TextLearner` cycles Adam's beta1 through these in `fit_one_cycle` (and so in `fine_tune`), not through
 # `Learner`'s (0.95, 0.85, 0.95); they are also the trainer's default `one_cycle_moms`.
 TEXT_LEARNER_MOMS = (0.8, 0.7, 0.8)
+# Where the experiments' training differs from `ulmfit`'s stages, each setting with its reason; the report prints them.
+DIFFERENCES_FROM_ULMFIT = {
+    "max_grad_norm": (0.0, "no gradient clipping, as fastai's side (the `ulmfit` stages clip at 1.0)"),
+    "save_strategy": ("no", "no checkpoints: a run is redone whole"),
+}
 # The paper's full-scale test errors (Howard & Ruder 2018, tables 2 and 3).
 PAPER_ERRORS = {"imdb": 4.6, "trec6": 3.6}
 

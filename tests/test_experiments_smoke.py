@@ -288,6 +288,9 @@ def test_report_writes_results_md_and_plots(compared, lowshot, ablations, timed,
     assert f"from the result files of `{compared.results.resolve()}/`" in text  # the folder it read, not a fixed one
     assert "Classifier epochs (steps) by labels: 10: 4 (4), 20: 2 (4)." in text
     assert "from scratch peak rate 0.002" in text
+    # What our side does differently from the `ulmfit` stages is named, with the value it ran with.
+    assert "except: `max_grad_norm=0.0`: no gradient clipping" in text
+    assert _result(compared, "compare_trec6", "ours", 0)["stage3"]["training"]["max_grad_norm"] == 0.0
     for plot in ("lowshot.png", "compare_trec6_curves.png", "compare_imdb_curves.png"):
         assert (compared.results / plot).stat().st_size > 10_000
         assert f"]({os.path.relpath(compared.results / plot, output.parent)})" in text  # linked from RESULTS.md
