@@ -68,6 +68,7 @@ ABLATIONS = {
                   {"ulmfit_schedule": "cosine", "warmup_steps": 0.1}),
     "backward": ("backward LM and classifier (stages 1-3 read every document reversed), full recipe", {}),
     "ensemble": ("forward + backward: mean of the two classifiers' probabilities", {}),
+    "tfidf": ("no network: TF-IDF (word 1-2 grams) + logistic regression, C by 5-fold cross-validation", {}),
 }
 # Our stage-2 kinds: the schedule each trains along (`ours.LM_SCHEDULES`) and whether it starts from random weights.
 # "ours" is the recipe's (fastai's `fine_tune`, as fastai's side runs it); "ours_backward" is that recipe on reversed
@@ -440,6 +441,7 @@ def command_lowshot(args: argparse.Namespace) -> int:
 
 def command_ablations(args: argparse.Namespace) -> int:
     from modeling_awd_lstm import AwdLstmConfig
+    from ulmfit.baselines import tfidf_logreg
 
     from .ours import pretrain_backward, train_classifier
 
@@ -479,6 +481,10 @@ def command_ablations(args: argparse.Namespace) -> int:
         if variant == "ensemble":
             def train(seed=seed):
                 return _ensemble(args.results_dir, name, seed)
+        elif variant == "tfidf":
+            def train(seed=seed):
+                baseline = tfidf_logreg(experiment.train, experiment.test, seed)
+                return {"test_accuracy": baseline["test_accuracy"], "baseline": baseline}
         elif variant == "full" and _compare_result(args, experiment, seed) is not None:
             def train(seed=seed):
                 reused = _compare_result(args, experiment, seed)

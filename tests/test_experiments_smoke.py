@@ -225,6 +225,7 @@ stages:
 def test_ablations_run_every_variant_with_a_backward_stage1(ablations):
     records = {variant: _result(ablations, "ablations_trec6", variant, 0) for variant in ABLATIONS}
     assert records["full"]["reused_from"].endswith("compare_trec6/ours_seed0.json")
+    assert records["tfidf"]["baseline"]["cv_folds"] == 5 and "stage3" not in records["tfidf"]  # the no-network row
     assert records["backward"]["stage3"]["backwards"] and records["backward"]["stage2"]["backwards"]
     assert not records["no_pretraining"]["stage3"]["backwards"]
     assert records["no_pretraining"]["stage2"]["schedule"].startswith("one_cycle")
