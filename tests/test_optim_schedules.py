@@ -133,6 +133,37 @@ def test_adam_defaults_are_ulmfit_s(lm):
     assert all(group["betas"] == (0.7, 0.99) for group in optimizer.param_groups)
 
 
+def test_fused_adamw_on_cpu_steps_as_the_reference_adamw(classifier):
+    import copy
+
+    reference_model, start = copy.deepcopy(classifier), copy.deepcopy(classifier)
+    for model in (classifier, reference_model):
+        set_trainable_groups(model, 2)
+    optimizer = create_optimizer(classifier, lr=slice(1e-3, 1e-2), weight_decay=0.1)
+    reference = create_optimizer(reference_model, lr=slice(1e-3, 1e-2), weight_decay=0.1)
+    for group in reference.param_groups:
+        group["fused"] = False
+    assert optimizer.defaults["fused"] and not reference.param_groups[0]["fused"]
+
+    torch.manual_seed(0)
+    for _ in range(3):
+        for model in (classifier, reference_model):
+            model.zero_grad()
+        for p, q in zip(classifier.parameters(), reference_model.parameters()):
+            if p.requires_grad:
+                p.grad = torch.randn_like(p)
+                q.grad = p.grad.clone()
+        optimizer.step()
+        reference.step()
+    frozen = 0
+    for (name, p), q, initial in zip(classifier.named_parameters(), reference_model.parameters(), start.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
+        if not p.requires_grad:
+            frozen += 1
+            assert torch.equal(p, initial), name
+    assert frozen > 0
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Schedules
 # ----------------------------------------------------------------------------------------------------------------------

