@@ -106,11 +106,16 @@ def test_multi_label_and_regression_metrics():
 
 
 def test_a_multi_label_classifier_from_a_recipe_reports_f1_and_predicts_label_sets(imdb_files, tmp_path):
-    assert main(["run", recipe(tmp_path, imdb_files, "tags"), "--output-dir", str(tmp_path / "runs")]) == 0
+    path = recipe(tmp_path, imdb_files, "tags", extra="from_scratch_training: {learning_rate: 0.002}")
+    assert main(["run", path, "--output-dir", str(tmp_path / "runs")]) == 0
     folder = tmp_path / "runs" / "classifier"
     record = json.loads((folder / "ulmfit_stage.json").read_text())
     assert set(record["metrics"]) == {"test_accuracy", "test_f1_micro", "test_f1_macro", "test_subset_accuracy"}
     assert "from_scratch_test_f1_micro" in record["baselines"] and "tfidf_test_accuracy" not in record["baselines"]
+    # The twin trained at its own rate, and the card says so.
+    assert (record["hyperparameters"]["learning_rate"], record["hyperparameters"]["from_scratch_learning_rate"]) == (
+        0.01, 0.002)
+    assert "from_scratch_learning_rate" in (folder / "README.md").read_text()
     assert json.loads((folder / "config.json").read_text())["problem_type"] == "multi_label_classification"
 
     texts = tmp_path / "texts.txt"

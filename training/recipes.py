@@ -73,6 +73,8 @@ class StageSpec:
     tokenizer: TokenizerSpec | None = None
     drop_mult: float | None = None
     compare_from_scratch: bool = False  # classifier: also train it from random weights, to show what stages 1-2 add
+    # classifier: the training arguments the from-scratch twin changes (random weights often need a gentler rate)
+    from_scratch_training: dict[str, Any] = field(default_factory=dict)
     compare_tfidf: bool = False  # classifier: also fit TF-IDF + logistic regression on the same training split
     # classifier: "single_label_classification", "multi_label_classification" or "regression"; by default lists of
     # class names are multi-label, floats regression, and names or integer ids single-label classes.
@@ -275,16 +277,23 @@ def _check_recipe(
             raise RecipeError(f"`{where}.data.label_column` is required for the classifier stage.")
         if not 0.0 <= stage.eval_fraction < 1.0:
             raise RecipeError(f"`{where}.eval_fraction` must be in [0, 1), got {stage.eval_fraction}.")
+        if stage.from_scratch_training and not stage.compare_from_scratch:
+            raise RecipeError(
+                f"`{where}.from_scratch_training` changes the from-scratch twin, which runs only with "
+                f"`{where}.compare_from_scratch: true`: set that too, or remove it."
+            )
         if training_fields is not None:
-            unknown = sorted(set(stage.training) - set(training_fields))
-            if unknown:
-                raise RecipeError(f"Unknown training argument `{where}.training.{unknown[0]}`.")
-            if isinstance(training_fields, Mapping):
-                stage.training = {
-                    name: value if (name, value) == ("learning_rate", "find")  # the range test chooses it
-                    else _convert(training_fields[name], value, f"{where}.training.{name}")
-                    for name, value in stage.training.items()
-                }
+            for key in ("training", "from_scratch_training"):
+                values = getattr(stage, key)
+                unknown = sorted(set(values) - set(training_fields))
+                if unknown:
+                    raise RecipeError(f"Unknown training argument `{where}.{key}.{unknown[0]}`.")
+                if isinstance(training_fields, Mapping):
+                    setattr(stage, key, {
+                        name: value if (name, value) == ("learning_rate", "find")  # the range test chooses it
+                        else _convert(training_fields[name], value, f"{where}.{key}.{name}")
+                        for name, value in values.items()
+                    })
         if check_files:
             for key in ("data", "eval_data", "test_data"):
                 spec = getattr(stage, key)

@@ -287,9 +287,13 @@ def check_training_arguments(recipe: Recipe, overrides: dict | None = None) -> N
     """Builds every stage's training arguments, so a value that cannot train fails before any work, naming the stage."""
     for name, spec in recipe.stages.items():
         try:
-            _training_arguments(recipe, spec, Path("."), overrides or {}, from_scratch=spec.parent is None)
+            args = _training_arguments(recipe, spec, Path("."), overrides or {}, from_scratch=spec.parent is None)
         except (TypeError, ValueError) as error:
             raise RecipeError(f"`stages.{name}.training`: {error}") from error
+        try:
+            dataclasses.replace(args, **spec.from_scratch_training)
+        except (TypeError, ValueError) as error:
+            raise RecipeError(f"`stages.{name}.from_scratch_training`: {error}") from error
 
 
 def _training_arguments(
@@ -375,9 +379,14 @@ def run_stage(
     tokens_before = _tokens_seen(resume_from)  # read now: the resumed run's own checkpoints rotate it away
     train_output = trainer.train(resume_from_checkpoint=resume_from)
     metrics = _final_metrics(trainer, evaluation, test, is_classifier)
-    baselines = {}
+    baselines, hyperparameters = {}, _hyperparameters(model, args)
     if is_classifier and spec.compare_from_scratch:
-        baselines.update(_train_from_scratch(model.config, args, trainer, test, folder))
+        scratch_metrics, scratch_args = _train_from_scratch(
+            model.config, args, spec.from_scratch_training, trainer, test, folder
+        )
+        baselines.update(scratch_metrics)
+        changed = spec.from_scratch_training
+        hyperparameters.update({f"from_scratch_{name}": getattr(scratch_args, name) for name in changed})
     if is_classifier and spec.compare_tfidf and model.config.problem_type == SINGLE_LABEL:  # logistic regression
         baselines.update(_tfidf_baseline(spec, train, evaluation, built.test, args.seed))
     seconds = time.time() - started
@@ -403,7 +412,7 @@ def run_stage(
         metrics=metrics,
         baselines=baselines,
         eval_split="test" if test is not None else "validation",
-        hyperparameters=_hyperparameters(model, args),
+        hyperparameters=hyperparameters,
         data=_provenance(spec),
         model_summary=_model_summary(model),
         notes=notes,
@@ -542,11 +551,14 @@ def has_field_markers(tokenizer: PreTrainedTokenizerBase) -> bool:
     return isinstance(tokenizer, AwdLstmTokenizer)
 
 
-def _train_from_scratch(config, args, trainer, test, folder: Path) -> dict[str, float]:
-    """The same classifier, data and schedule from random weights: what stages 1 and 2 add."""
+def _train_from_scratch(
+    config, args, changes: dict, trainer, test, folder: Path
+) -> tuple[dict[str, float], ULMFiTTrainingArguments]:
+    """The same classifier, data and schedule from random weights, with the recipe's `from_scratch_training`
+    `changes` to its training arguments: what stages 1 and 2 add. Returns its metrics and the arguments it ran with."""
     set_seed(args.seed)
     scratch = AwdLstmForSequenceClassification(config)
-    scratch_args = dataclasses.replace(args, output_dir=str(folder / "from_scratch"), save_strategy="no")
+    scratch_args = dataclasses.replace(args, **changes, output_dir=str(folder / "from_scratch"), save_strategy="no")
     scratch_trainer = ULMFiTTrainer(
         model=scratch, args=scratch_args, train_dataset=trainer.train_dataset, eval_dataset=trainer.eval_dataset,
         processing_class=trainer.processing_class, data_collator=trainer.data_collator,
@@ -556,7 +568,8 @@ def _train_from_scratch(config, args, trainer, test, folder: Path) -> dict[str, 
     metrics = _final_metrics(scratch_trainer, None, test, is_classifier=True)
     # Single-label classes: accuracy alone; the other problem types keep each of their headline metrics.
     single = (config.problem_type or SINGLE_LABEL) == SINGLE_LABEL
-    return {f"from_scratch_{name}": value for name, value in metrics.items() if not single or name.endswith("accuracy")}
+    kept = {f"from_scratch_{name}": value for name, value in metrics.items() if not single or name.endswith("accuracy")}
+    return kept, scratch_trainer.args
 
 
 def _tfidf_baseline(spec: StageSpec, train, evaluation, test, seed: int) -> dict[str, float]:
