@@ -49,6 +49,14 @@ def test_unreadable_data_files_are_named(tmp_path, capsys, name, content, messag
     assert message in one_line_error(capsys)
 
 
+def test_evaluating_a_stage_without_evaluation_data_is_named(tmp_path, capsys):
+    data = tmp_path / "text.txt"
+    data.write_text("A few words of text.\n" * 20)
+    recipe = recipe_reading(tmp_path, data)
+    assert main(["validate", recipe, "--set", "stages.pretrain.training.eval_strategy=steps"]) == 2
+    assert "eval_strategy 'steps' needs evaluation data" in one_line_error(capsys)
+
+
 def test_a_misspelt_stage_is_named_before_its_missing_keys(capsys):
     assert main(["validate", "demo", "--set", "stages.pretrian.max_documents=1"]) == 2
     assert "Unknown stage `stages.pretrian`" in one_line_error(capsys)

@@ -304,13 +304,14 @@ def _training_arguments(
             "resume_from_checkpoint is not set by hand: running a stage's command again resumes it from its last "
             "checkpoint (--restart starts it over)."
         )
+    evaluates = spec.eval_data is not None or spec.eval_fraction > 0
     values = dict(
         output_dir=str(folder / CHECKPOINTS),
         seed=recipe.seed,
         lm_bptt=recipe.model.bptt,
         save_strategy="epoch",
         save_total_limit=2,  # the previous checkpoint stays until the newest is complete
-        eval_strategy="epoch",
+        eval_strategy="epoch" if evaluates else "no",
         logging_steps=10,
         report_to="none",
         disable_tqdm=False,
@@ -318,6 +319,11 @@ def _training_arguments(
     )
     values.update(spec.training)
     values.update(overrides)
+    if not evaluates and values["eval_strategy"] != "no":
+        raise ValueError(
+            f"eval_strategy {values['eval_strategy']!r} needs evaluation data, and the stage has none (no `eval_data`, "
+            "`eval_fraction: 0`): give one of them, or leave eval_strategy unset."
+        )
     if values.get("learning_rate") == FIND_LEARNING_RATE:
         del values["learning_rate"]  # chosen by the range test once the stage is built
     if from_scratch:  # discriminative rates protect pretrained layers; random ones all train at the full rate
