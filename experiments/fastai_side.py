@@ -142,20 +142,24 @@ def _check_tokens(dataset, texts: list[str], vocab: list[str], count: int = 8) -
 # Stage 2
 # ----------------------------------------------------------------------------------------------------------------------
 def finetune_lm(lm_texts: list[str], lm_is_valid: list[bool], settings: TaskSettings, parent: Path, folder: Path,
-                expected_vocab: list[str] | None = None) -> dict:
+                expected_vocab: list[str] | None = None, keep_vocab: bool = False) -> dict:
     """`learn.fine_tune(lm_epochs, lm_lr)` from the stage-1 folder `parent`, exported as fastai's pretrained pair and
-    loaded with `load_pretrained` (`match_embeds` to the vocabulary fastai builds from `lm_texts`). `expected_vocab`
-    (our stage-2 vocabulary) must be that vocabulary. Writes the encoder and vocabulary to `folder`."""
+    loaded with `load_pretrained` (`match_embeds` to the vocabulary fastai builds from `lm_texts`, or with `keep_vocab`
+    to the parent's own). `expected_vocab` (our stage-2 vocabulary) must be that vocabulary. Writes the encoder and
+    vocabulary to `folder`. `stage_seconds` is the stage as a fastai user runs it: from the exported pair to the saved
+    encoder."""
     started = time.time()
     set_seed(0)
     config = AwdLstmConfig.from_pretrained(parent)
     if config.backwards:
         raise ValueError(f"{parent} reads text backwards; the fastai side runs forward models only.")
     weights, vocab_file = save_fastai_pretrained(parent, folder / "stage1")
+    exported = time.time()
     frame = pd.DataFrame({"text": lm_texts, "is_valid": lm_is_valid})
+    vocabulary = dict(vocab=AwdLstmTokenizer.from_pretrained(parent).itos) if keep_vocab else dict(
+        min_freq=settings.min_freq, max_vocab=settings.max_vocab)
     block = DataBlock(
-        blocks=TextBlock.from_df("text", is_lm=True, seq_len=config.bptt, min_freq=settings.min_freq,
-                                 max_vocab=settings.max_vocab, n_workers=0),
+        blocks=TextBlock.from_df("text", is_lm=True, seq_len=config.bptt, n_workers=0, **vocabulary),
         get_x=ColReader("text"), splitter=ColSplitter("is_valid"),
     )
     dls = block.dataloaders(frame, bs=settings.lm_batch_size)
@@ -189,6 +193,7 @@ def finetune_lm(lm_texts: list[str], lm_is_valid: list[bool], settings: TaskSett
     learn.save_encoder(ENCODER)
     with open(folder / VOCAB_FILE, "wb") as f:
         pickle.dump(vocab, f)
+    stage_seconds = time.time() - exported
     model, _ = fastai_learner_to_transformers(learn)
     valid_texts = [text for text, valid in zip(lm_texts, lm_is_valid) if valid]
     valid = lm_corpus(valid_texts, AwdLstmTokenizer(vocab=vocab))
@@ -197,6 +202,7 @@ def finetune_lm(lm_texts: list[str], lm_is_valid: list[bool], settings: TaskSett
         "valid_perplexity": perplexity,
         "valid_perplexity_own": math.exp(own_valid_loss),
         "seconds": time.time() - started,
+        "stage_seconds": stage_seconds,
         "train_seconds": train_seconds,
         "tokens_per_second": record.tokens / max(train_seconds, 1e-9),
         "train_tokens": int(sum(dls.train.lens)),

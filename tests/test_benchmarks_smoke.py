@@ -117,3 +117,25 @@ def test_quick_lstm_kernel_benchmark_times_both_kernels(tmp_path):
     assert all(row["fused_ms"] > 0 and row["stepwise_ms"] > 0 for row in report["rows"])
     assert "| input -> hidden | batch | fused (ms) | stepwise (ms) | stepwise / fused |" in (
         tmp_path / "lstm_kernels_quick.md").read_text()
+
+
+def test_the_stages_benchmark_gives_both_sides_the_same_reviews_and_a_recipe_ulmfit_accepts(tmp_path):
+    from benchmarks.stages import QUICK, prepare_data, write_recipe
+    from ulmfit.recipes import load_recipe
+    from ulmfit.stages import check_training_arguments
+
+    paths = prepare_data(None, QUICK, tmp_path)
+    rows = {name: [json.loads(line) for line in path.read_text().splitlines()] for name, path in paths.items()}
+    assert [len(rows[name]) for name in ("lm_train", "lm_valid", "clas_train", "clas_test")] == [
+        QUICK.lm_docs, QUICK.lm_valid_docs, QUICK.clas_docs, QUICK.test_docs]
+    for name in ("clas_train", "clas_test"):  # balanced, labelled with class names
+        labels = [row["label"] for row in rows[name]]
+        assert labels.count("neg") == labels.count("pos") == len(labels) // 2
+    assert not {row["text"] for row in rows["lm_train"]} & {row["text"] for row in rows["lm_valid"]}
+
+    recipe = load_recipe(str(write_recipe(paths, QUICK, "fp32", tmp_path)))
+    check_training_arguments(recipe)
+    lm, classifier = recipe.stages["finetune_lm"], recipe.stages["classifier"]
+    assert (lm.parent, lm.training["ulmfit_schedule"], classifier.training["unfreeze_schedule"]) == (
+        "pretrained:en", "fine_tune", "gradual")
+    assert classifier.eval_fraction == 0.0  # the classifier trains on every labelled review, as fastai's side
