@@ -11,6 +11,8 @@ from ulmfit.recipes import RecipeError, available_recipes, load_recipe
 from ulmfit.stages import _provenance, _training_arguments
 from ulmfit.trainer import ULMFiTTrainingArguments
 
+RECIPES = Path(__file__).parent.parent / "hub_configs"
+
 TRAINING_FIELDS = {f.name for f in dataclasses.fields(ULMFiTTrainingArguments)}
 
 
@@ -62,7 +64,7 @@ def test_overrides_reach_any_value():
 
 
 def write_recipe(tmp_path, mutate) -> Path:
-    values = yaml.safe_load((Path(__file__).parent.parent / "hub_configs" / "demo.yaml").read_text())
+    values = yaml.safe_load((RECIPES / "demo.yaml").read_text())
     mutate(values)
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(values))
@@ -126,10 +128,16 @@ def test_paper_recipes_fine_tune_the_lm_as_the_paper_does(name, tmp_path):
 
 
 @pytest.mark.parametrize("name", ["paper_imdb", "trec6"])
-def test_paper_recipes_train_the_classifier_as_the_paper_does(name, tmp_path):
-    """Stage 3 unfreezes one more layer group each epoch, with discriminative rates (2.6) along STLR, 1e-2 at the
-    top."""
+def test_paper_recipes_train_the_classifier_at_one_rate_and_the_paper_s_stage_3_is_two_overrides_away(name, tmp_path):
+    """Stage 3 trains every layer group from the start at one rate along STLR (what won from the shipped model); the
+    overrides in the recipe's comment give the paper's: one more layer group each epoch, discriminative rates 2.6."""
     recipe = load_recipe(name)
     args = _training_arguments(recipe, recipe.stages["classifier"], tmp_path, {}, from_scratch=False)
-    assert (args.ulmfit_schedule, args.discriminative_lr_factor, args.learning_rate) == ("stlr", 2.6, 1e-2)
-    assert args.unfreeze_schedule == "gradual"
+    assert (args.ulmfit_schedule, args.discriminative_lr_factor, args.learning_rate) == ("stlr", 1.0, 1e-2)
+    assert args.unfreeze_schedule is None
+
+    lines = (RECIPES / f"{name}.yaml").read_text().splitlines()
+    comment = next(line for line in lines if "--set stages.classifier" in line)
+    paper = load_recipe(name, overrides=[override.strip() for override in comment.split("--set")[1:]])
+    args = _training_arguments(paper, paper.stages["classifier"], tmp_path, {}, from_scratch=False)
+    assert (args.ulmfit_schedule, args.discriminative_lr_factor, args.unfreeze_schedule) == ("stlr", 2.6, "gradual")
