@@ -19,10 +19,8 @@ The `ulmfit` stages keep what a user's run has: a checkpoint and an evaluation e
 
 import argparse
 import dataclasses
-import gzip
 import json
 import os
-import random
 import statistics
 import subprocess
 import sys
@@ -30,11 +28,17 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+
+from experiments.data import IMDB_LABELS, balanced_sample
+from ulmfit.data import DataSpec, load_data
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 BUNDLED = REPO_ROOT / "training" / "demo_data"
 SHIPPED_MODEL = "pretrained:en"
 STAGES = ("finetune_lm", "classifier")
-LABEL_NAMES = ["neg", "pos"]
+QUALITY = {"finetune_lm": "valid_perplexity", "classifier": "test_accuracy"}  # what each stage reached
+LABEL_NAMES = list(IMDB_LABELS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,22 +74,16 @@ def default_sides() -> list[str]:
 # ----------------------------------------------------------------------------------------------------------------------
 # Data: the same reviews for both sides, written once
 # ----------------------------------------------------------------------------------------------------------------------
-def _read_jsonl(path: Path) -> list[dict]:
-    with gzip.open(path, "rt", encoding="utf-8") as f:
-        return [json.loads(line) for line in f]
+def _read(path: Path) -> tuple[list[str], list[int]]:
+    rows = load_data(DataSpec(path=str(path)))
+    return list(rows["text"]), list(rows["label"])
 
 
-def _balanced(rows: list[dict], count: int, seed: int) -> list[dict]:
-    """`count` reviews, alternately negative and positive, drawn at random; labels as class names."""
-    rows = [{**row, "label": LABEL_NAMES[row["label"]] if isinstance(row["label"], int) else row["label"]}
-            for row in rows]
-    by_label = {name: [row for row in rows if row["label"] == name] for name in LABEL_NAMES}
-    for group in by_label.values():
-        random.Random(seed).shuffle(group)
-    picked = [row for pair in zip(*by_label.values()) for row in pair][:count]
-    if len(picked) < count:
-        raise ValueError(f"asked for {count} balanced reviews, the data holds {len(picked)}")
-    return picked
+def _balanced(path: Path, count: int) -> list[dict]:
+    """`count` reviews of `path`, balanced and shuffled (seeded), labelled with class names."""
+    texts, labels = _read(path)
+    return [{"text": texts[i], "label": IMDB_LABELS[labels[i]]}
+            for i in balanced_sample(labels, count, np.random.default_rng(0))]
 
 
 def prepare_data(data_dir: Path | None, settings: StageSettings, folder: Path) -> dict[str, Path]:
@@ -95,23 +93,20 @@ def prepare_data(data_dir: Path | None, settings: StageSettings, folder: Path) -
     names = {"unsup": "unsup.jsonl.gz", "train": "train.jsonl.gz", "test": "test.jsonl.gz"}
     if data_dir is None:
         data_dir, names = BUNDLED, {key: f"imdb_{name}" for key, name in names.items()}
-    unsup = _read_jsonl(data_dir / names["unsup"])
-    random.Random(0).shuffle(unsup)
+    unsup, _ = _read(data_dir / names["unsup"])
     if len(unsup) < settings.lm_docs + settings.lm_valid_docs:
         raise ValueError(f"{data_dir}: {len(unsup)} unlabelled reviews, fewer than --lm-docs + --lm-valid-docs")
+    order = np.random.default_rng(0).permutation(len(unsup))
     parts = {
-        "lm_train": unsup[: settings.lm_docs],
-        "lm_valid": unsup[settings.lm_docs: settings.lm_docs + settings.lm_valid_docs],
-        "clas_train": _balanced(_read_jsonl(data_dir / names["train"]), settings.clas_docs, seed=0),
-        "clas_test": _balanced(_read_jsonl(data_dir / names["test"]), settings.test_docs, seed=0),
+        "lm_train": [{"text": unsup[i]} for i in order[: settings.lm_docs]],
+        "lm_valid": [{"text": unsup[i]} for i in order[settings.lm_docs: settings.lm_docs + settings.lm_valid_docs]],
+        "clas_train": _balanced(data_dir / names["train"], settings.clas_docs),
+        "clas_test": _balanced(data_dir / names["test"], settings.test_docs),
     }
     paths = {}
     for name, rows in parts.items():
         paths[name] = folder / f"{name}.jsonl"
-        with open(paths[name], "w", encoding="utf-8") as f:
-            for row in rows:
-                keep = {"text": row["text"]} if name.startswith("lm_") else {"text": row["text"], "label": row["label"]}
-                f.write(json.dumps(keep) + "\n")
+        paths[name].write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
     return paths
 
 
@@ -265,9 +260,8 @@ def summarize(runs: list[dict], sides: list[str]) -> dict:
             mine = [run for run in runs if run["side"] == side and run["stage"] == stage]
             if not mine:
                 continue
-            quality = "valid_perplexity" if stage == "finetune_lm" else "test_accuracy"
             summary[f"{stage}/{side}"] = {key: _spread([run[key] for run in mine]) for key in (
-                "seconds", "process_seconds", "tokens_per_second", "peak_rss_mb", quality)}
+                "seconds", "process_seconds", "tokens_per_second", "peak_rss_mb", QUALITY[stage])}
     return summary
 
 
@@ -288,7 +282,7 @@ def report(results: dict) -> str:
     lines += ["| stage | side | stage time (s) | process time (s) | training tokens/s | peak MB | quality | "
               "time vs fastai fp32 |", "|---|---|---:|---:|---:|---:|---:|---:|"]
     for stage in STAGES:
-        quality = "valid_perplexity" if stage == "finetune_lm" else "test_accuracy"
+        quality = QUALITY[stage]
         for side in sides:
             row = summary.get(f"{stage}/{side}")
             if row is None:
