@@ -57,6 +57,11 @@ def test_evaluating_a_stage_without_evaluation_data_is_named(tmp_path, capsys):
     assert "eval_strategy 'steps' needs evaluation data" in one_line_error(capsys)
 
 
+def test_the_range_test_chooses_the_stage_s_rate_not_the_twin_s(capsys):
+    assert main(["validate", "demo", "--set", "stages.classifier.from_scratch_training.learning_rate=find"]) == 2
+    assert "stages.classifier.from_scratch_training.learning_rate" in one_line_error(capsys)
+
+
 def test_a_misspelt_stage_is_named_before_its_missing_keys(capsys):
     assert main(["validate", "demo", "--set", "stages.pretrian.max_documents=1"]) == 2
     assert "Unknown stage `stages.pretrian`" in one_line_error(capsys)

@@ -290,7 +290,8 @@ def _check_recipe(
                     raise RecipeError(f"Unknown training argument `{where}.{key}.{unknown[0]}`.")
                 if isinstance(training_fields, Mapping):
                     setattr(stage, key, {
-                        name: value if (name, value) == ("learning_rate", "find")  # the range test chooses it
+                        # The range test chooses the stage's own rate; the twin's needs a number.
+                        name: value if (key, name, value) == ("training", "learning_rate", "find")
                         else _convert(training_fields[name], value, f"{where}.{key}.{name}")
                         for name, value in values.items()
                     })
